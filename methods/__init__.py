@@ -1,0 +1,1 @@
+"""Built-in transfer methods, one module each; every module registers its classes with `register_method`."""

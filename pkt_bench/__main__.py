@@ -1,0 +1,3 @@
+from pkt_bench.cli import main
+
+main()

@@ -1,0 +1,159 @@
+"""The interfaces every transfer method and task plugs into.
+
+Vocabulary used across pkt-bench:
+
+- *teacher* / *student*: the larger and the smaller model of one family; knowledge moves teacher -> student.
+- *transfer method*: turns a (teacher, student) pair plus a task's transfer data into an `Artifact`, a student
+  that can be evaluated (a PEFT adapter folder over the student, or a full HF model folder).
+- *transfer data*: prompt/response `Example`s of a task in three roles: `seed` (a few samples that locate
+  knowledge in the teacher, "extract" in the LaTen paper), `align` (to fit an alignment, e.g. LaTen's translator)
+  and `train` (fine-tuning data, under the run's `Budget`).
+- *cell*: one (method + config, pair, task, seed) combination; it yields one result record.
+
+This module imports no torch, so listing plugins stays cheap: methods and tasks import heavy modules inside
+their functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from pathlib import Path
+
+    from pkt_bench.finetune import TrainStats
+    from pkt_bench.models import ModelPair
+    from pkt_bench.spec import Budget
+    from pkt_bench.stages import StageMeter
+
+ROLES = ("seed", "align", "train")
+
+
+class UserError(Exception):
+    """Bad input from the user. The CLI prints the message as one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/response pair. Loss is taken on the response only; `prompt + response` is the full text."""
+
+    prompt: str
+    response: str
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a transfer method hands to evaluation, on disk so that any backend can load it.
+
+    kind "adapter": a PEFT adapter folder at `path` to apply over the model `base` (a HF id or folder).
+    kind "model": a complete HF model folder (or HF id) at `path`.
+    """
+
+    kind: Literal["adapter", "model"]
+    path: str
+    base: str | None = None
+
+
+@dataclass
+class EvalResult:
+    """A task's verdict on one artifact: its metrics, which one ranks methods, and per-item outcomes."""
+
+    metrics: dict[str, float]
+    primary_metric: str
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Generator(Protocol):
+    """Text generation backend: greedy continuation of prompts, cut at the first stop sequence."""
+
+    name: str
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]: ...
+
+
+class EvalTarget(Protocol):
+    """The thing a task evaluates: an artifact plus lazily loaded views of it."""
+
+    artifact: Artifact
+
+    def model_and_tokenizer(self) -> tuple[Any, Any]: ...
+
+    def generator(self) -> Generator: ...
+
+
+class Task(Protocol):
+    """A task: transfer data in three roles and an evaluation. Constructed as `TaskClass(data_dir)`.
+
+    `version` changes whenever the prompt or the scoring changes; it is part of every record's key. A task may
+    also define `check_pair(pair)`, raising `UserError` before anything runs if it cannot evaluate that pair.
+    The name is the one given at registration (`@register_task("name")`).
+    """
+
+    description: ClassVar[str]
+    reference: ClassVar[str]
+    version: ClassVar[str]
+
+    def transfer_data(self, role: str) -> list[Example]: ...
+
+    def evaluate(self, target: EvalTarget, limit: int | None) -> EvalResult: ...
+
+
+class TransferMethod(Protocol):
+    """A transfer method. Constructed as `MethodClass(config)` with an instance of its `Config` dataclass,
+    whose fields carry their help text in `field(metadata={"help": ...})`.
+
+    `fine_tunes` says whether the method runs the shared fine-tuning loop; only then is the run's budget part
+    of the cell's identity. The name is the one given at registration (`@register_method("name")`); one class
+    may be registered under several names with preset config values.
+    """
+
+    description: ClassVar[str]
+    reference: ClassVar[str]
+    Config: ClassVar[type]
+    fine_tunes: ClassVar[bool]
+
+    def transfer(self, ctx: TransferContext) -> Artifact: ...
+
+
+@dataclass
+class TransferContext:
+    """Everything a method may use while transferring; the one place that hands out data, budget and stages."""
+
+    pair: ModelPair
+    task: Task
+    budget: Budget
+    seed: int
+    workdir: Path
+    meter: StageMeter
+    costs: dict[str, int] = field(default_factory=dict)
+
+    def stage(self, name: str) -> AbstractContextManager[None]:
+        """Time a stage ("extract", "fine-tune", ...) with its peak memory; the rest counts as "transfer"."""
+        return self.meter.stage(name)
+
+    def examples(self, role: str, n: int | None = None) -> list[Example]:
+        """`n` examples of `role` (all when None), a sample fixed by the run's seed."""
+        from pkt_bench.data import sample
+
+        return sample(self.task.transfer_data(role), n, self.seed)
+
+    def finetune(self, model: Any, tokenizer: Any) -> TrainStats:
+        """Train `model`'s trainable parameters (a PEFT model) with the shared loop, under the run's budget."""
+        from pkt_bench.finetune import finetune
+
+        with self.stage("fine-tune"):
+            stats = finetune(model, tokenizer, self.examples("train", self.budget.examples), self.budget, self.seed)
+        self.costs["examples_seen"] = self.costs.get("examples_seen", 0) + stats.examples_seen
+        self.costs["optimizer_steps"] = self.costs.get("optimizer_steps", 0) + stats.optimizer_steps
+        return stats
+
+    def save_adapter(self, model: Any, tokenizer: Any) -> Artifact:
+        """Save a PEFT model's adapter (and the tokenizer) into the workdir; return it as an artifact."""
+        path = self.workdir / "adapter"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return Artifact(kind="adapter", path=str(path), base=self.pair.student.path)

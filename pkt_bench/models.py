@@ -1,0 +1,140 @@
+"""Teacher/student pairs: resolving names to folders, checking they are one family, loading them.
+
+A model is named by a HF hub id, a local HF folder, or a built-in name (`pico-teacher`, `pico-student`: the
+in-process pair of `pkt_bench.pico`). Loading is transformers' own; this module only decides what to load, on
+which device and in which dtype (auto: CUDA with bf16 when present, else CPU with fp32).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pkt_bench.api import UserError
+
+_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as given (`name`), where transformers loads it from (`path`), and what identifies it in keys."""
+
+    name: str
+    path: str
+    identity: str
+
+
+def resolve_model(name: str) -> ModelRef:
+    """Turn a user's model name into a loadable reference; build the pico pair on first use."""
+    from pkt_bench import pico
+
+    if name in pico.NAMES:
+        folder = pico.ensure_built(pico.NAMES[name])
+        return ModelRef(name, str(folder), f"{name}@{pico.DEFAULT.digest()}")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {name!r} holds no model (no config.json); give a HF model folder or hub id")
+        return ModelRef(name, str(path.resolve()), str(path.resolve()))
+    if path.exists():
+        raise UserError(f"model {name!r} is a file, not a folder; give a HF model folder or hub id")
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
+    if looks_like_path:
+        raise UserError(f"model folder {name!r} does not exist; give an existing HF model folder or a hub id "
+                        f"like Qwen/Qwen2.5-0.5B-Instruct")
+    return ModelRef(name, name, name)
+
+
+def _config(ref: ModelRef) -> dict[str, Any]:
+    local = Path(ref.path) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref.path).to_dict()
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model {ref.name!r} ({str(error).splitlines()[0]}); give a local HF folder "
+                        f"or check the hub id and network") from None
+
+
+def _vocab(ref: ModelRef) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref.path).get_vocab()
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the tokenizer of {ref.name!r} ({str(error).splitlines()[0]}); "
+                        f"the folder must hold tokenizer files") from None
+
+
+def check_family(teacher: ModelRef, student: ModelRef) -> None:
+    """Transfer needs one family: the same architecture type and the same vocabulary."""
+    t_type, s_type = _config(teacher).get("model_type"), _config(student).get("model_type")
+    if t_type != s_type:
+        raise UserError(f"teacher {teacher.name!r} ({t_type}) and student {student.name!r} ({s_type}) are of "
+                        f"different families; pick a teacher and a student of one model type")
+    t_vocab, s_vocab = _vocab(teacher), _vocab(student)
+    if t_vocab != s_vocab:
+        differ = len(set(t_vocab.items()) ^ set(s_vocab.items()))
+        raise UserError(f"teacher {teacher.name!r} and student {student.name!r} have different vocabularies "
+                        f"({len(t_vocab)} vs {len(s_vocab)} tokens, {differ} entries differ); pick models that "
+                        f"share a tokenizer")
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return _DTYPE_NAMES[dtype]
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """The teacher and the student of a run, with the device and dtype both are loaded in."""
+
+    teacher: ModelRef
+    student: ModelRef
+    device: str
+    dtype: str
+
+    @classmethod
+    def resolve(cls, teacher: str, student: str, device: str = "auto", dtype: str = "auto") -> ModelPair:
+        pair_t, pair_s = resolve_model(teacher), resolve_model(student)
+        check_family(pair_t, pair_s)
+        device = pick_device(device)
+        return cls(pair_t, pair_s, device, pick_dtype(dtype, device))
+
+    def load(self, which: str) -> tuple[Any, Any]:
+        """(model, tokenizer) of "teacher" or "student", on the pair's device and dtype, in eval mode."""
+        ref = {"teacher": self.teacher, "student": self.student}[which]
+        return load_model(ref.path, self.device, self.dtype)
+
+
+def load_model(path: str, device: str, dtype: str, adapter: str | None = None) -> tuple[Any, Any]:
+    """A HF causal LM and its tokenizer; with `adapter`, the PEFT adapter at that folder merged in."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and _has_tokenizer(adapter) else path)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))

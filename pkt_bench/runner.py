@@ -1,0 +1,154 @@
+"""Running a spec: validate everything first, then each cell (method -> artifact -> evaluation -> record).
+
+Every check that can fail on user input runs before the first cell, so bad input stops the run with nothing
+written. A cell whose record exists is skipped unless `force`. With `references` on, the student and teacher of
+the pair are evaluated on the same task and items too (once: they are cells of their own, stored and reused),
+and each record states their scores beside its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from rich.console import Console
+
+from pkt_bench.api import Task, TransferContext, UserError
+from pkt_bench.environment import environment
+from pkt_bench.evaluate import BACKENDS, make_target
+from pkt_bench.models import ModelPair
+from pkt_bench.registry import METHODS, TASKS, Entry
+from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
+from pkt_bench.stages import StageMeter
+from pkt_bench.store import ResultStore
+
+STAGES = ("extract", "transfer", "fine-tune", "evaluate")
+REFERENCE_METHODS = ("student", "teacher")
+
+
+@dataclass
+class Cell:
+    """One (method + config, pair, task, seed): `describe()` is what its key hashes."""
+
+    method: Entry
+    config: Any
+    spec: RunSpec
+    pair: ModelPair
+    task_name: str
+    task: Task
+
+    def describe(self) -> dict[str, Any]:
+        cell = {
+            "method": self.method.name, "method_config": dataclasses.asdict(self.config),
+            "teacher": self.pair.teacher.identity, "student": self.pair.student.identity,
+            "task": self.task_name, "task_version": self.task.version, "seed": self.spec.seed,
+            "data_dir": self.spec.data_dir, "backend": self.spec.backend, "limit": self.spec.limit,
+            "device_type": self.pair.device.split(":")[0], "dtype": self.pair.dtype,
+        }
+        if self.method.cls.fine_tunes:
+            cell["budget"] = dataclasses.asdict(self.spec.budget)
+        return cell
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.describe())
+
+
+@dataclass
+class CellOutcome:
+    key: str
+    record: dict[str, Any]
+    skipped: bool
+
+
+def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None) -> list[CellOutcome]:
+    console = console or Console(stderr=True)
+    _quiet_libraries()
+    method = METHODS.get(spec.method)
+    config = method.make_config(spec.method_config)
+    task_entries = [TASKS.get(name) for name in spec.tasks]
+    if spec.backend not in BACKENDS:
+        raise UserError(f"unknown backend {spec.backend!r}; known backends: {', '.join(BACKENDS)}")
+    pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
+    tasks = [(entry.name, entry.cls(spec.data_dir)) for entry in task_entries]
+    for _, task in tasks:
+        if hasattr(task, "check_pair"):
+            task.check_pair(pair)
+
+    console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(spec.tasks)}; teacher "
+                  f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed {spec.seed}")
+    outcomes = []
+    for task_name, task in tasks:
+        references = {}
+        if spec.references:
+            for name in REFERENCE_METHODS:
+                if name != method.name:
+                    entry = METHODS.get(name)
+                    ref_cell = Cell(entry, entry.make_config({}), spec, pair, task_name, task)
+                    ref = _run_cell(ref_cell, store, False, console, {})
+                    references[name] = {"key": ref.key, "primary_metric": ref.record["primary_metric"],
+                                        "score": ref.record["metrics"][ref.record["primary_metric"]]}
+        outcomes.append(_run_cell(Cell(method, config, spec, pair, task_name, task), store, force, console, references))
+    return outcomes
+
+
+def _quiet_libraries() -> None:
+    """Our own lines say what runs; the libraries' loading bars and info messages only bury them."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
+              references: dict[str, Any]) -> CellOutcome:
+    key = cell.key
+    label = f"{cell.method.name} on {cell.task_name} (seed {cell.spec.seed})"
+    existing = store.get(key)
+    if existing is not None and not force:
+        console.print(f"  {label}: record exists, skipped ({store.path(key)}); --force reruns it")
+        return CellOutcome(key, existing, skipped=True)
+
+    from transformers import set_seed
+
+    set_seed(cell.spec.seed)
+    final_dir = store.artifact_dir(key)
+    workdir = final_dir.with_name(final_dir.name + ".partial")
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    meter = StageMeter()
+    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter)
+    started = time.perf_counter()
+    with meter.stage("transfer"):
+        artifact = cell.method.cls(cell.config).transfer(ctx)
+    if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
+        shutil.rmtree(final_dir, ignore_errors=True)
+        workdir.rename(final_dir)
+        artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    with meter.stage("evaluate"):
+        result = cell.task.evaluate(make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype),
+                                    cell.spec.limit)
+    stages = {name: None for name in STAGES} | meter.as_dict()
+    record = {
+        "schema_version": SCHEMA_VERSION, "key": key, "cell": cell.describe(),
+        "method": cell.method.name, "task": cell.task_name, "seed": cell.spec.seed,
+        "teacher": cell.pair.teacher.name, "student": cell.pair.student.name,
+        "metrics": result.metrics, "primary_metric": result.primary_metric, "items": result.items,
+        "references": references,
+        "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
+        "stages": stages, "wall_s": round(time.perf_counter() - started, 3),
+        "artifact": dataclasses.asdict(artifact), "environment": environment(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = store.put(record)
+    score = result.metrics[result.primary_metric]
+    refs = "".join(f"; {name} {ref['score']:.3f}" for name, ref in references.items())
+    console.print(f"  {label}: {result.primary_metric} [bold]{score:.3f}[/] on {len(result.items)} items{refs}; "
+                  f"{record['costs']['optimizer_steps']} optimizer steps, {record['wall_s']:.1f}s -> {path}")
+    return CellOutcome(key, record, skipped=False)

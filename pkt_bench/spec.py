@@ -1,0 +1,176 @@
+"""What to run: the `RunSpec` (from YAML and/or CLI flags), its `Budget`, and the cells it expands to.
+
+A *cell* is one (method + config, pair, task, seed) combination; its key is a content hash of everything that
+can change its result, so a stored record is found again (and skipped) exactly when rerunning would repeat it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pkt_bench.api import UserError
+
+SCHEMA_VERSION = 1
+
+
+class SpecKeyError(UserError):
+    """A bad value under one top-level key of a spec; YAML loading adds the key's line."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The fine-tuning budget, equal for every method that fine-tunes (so comparisons are fair)."""
+
+    examples: int = field(default=1000, metadata={"help": "train examples drawn from the task's transfer data"})
+    epochs: int = field(default=3, metadata={"help": "passes over those examples"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate of AdamW"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear warmup"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    max_length: int = field(default=1024, metadata={"help": "tokens per example (prompt + response), cut beyond"})
+
+    def __post_init__(self) -> None:
+        for name in ("examples", "epochs", "batch_size", "grad_accum", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"budget {name} must be a positive integer, got {value!r}; e.g. --{_flag(name)} 8")
+        for name in ("lr", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"budget {name} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"budget warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not self.weight_decay >= 0:
+            raise UserError(f"budget weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def optimizer_steps(self, n_examples: int) -> int:
+        """Optimizer steps the shared loop takes on `n_examples` (the last accumulation group may be short)."""
+        micro_batches = math.ceil(n_examples / self.batch_size) * self.epochs
+        return math.ceil(micro_batches / self.grad_accum)
+
+
+@dataclass
+class RunSpec:
+    """One `pkt-bench run`: a method with its config, a teacher/student pair, tasks, a seed and a budget.
+
+    The defaults are the embedded, offline probe: the in-process `pico` pair on the planted-knowledge task.
+    """
+
+    method: str = "lora"
+    method_config: dict[str, Any] = field(default_factory=dict)
+    teacher: str = "pico-teacher"
+    student: str = "pico-student"
+    tasks: list[str] = field(default_factory=lambda: ["probe"])
+    seed: int = 0
+    budget: Budget = field(default_factory=Budget)
+    data_dir: str | None = None
+    backend: str = "hf"
+    dtype: str = "auto"
+    device: str = "auto"
+    limit: int | None = None
+    references: bool = True
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunSpec:
+        """Read a spec file; any error names the file and line."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"spec file {str(path)!r} does not exist; give the path of a YAML file")
+        text = path.read_text()
+        try:
+            node = yaml.compose(text)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise UserError(f"{where}: malformed YAML ({problem}); fix the syntax at that line") from error
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise UserError(f"{path}:1: a spec must be a mapping of keys (method:, teacher:, ...), got {type(data).__name__}")
+        lines = {key.value: key.start_mark.line + 1 for key, _ in node.value}
+        try:
+            return cls.from_dict(data)
+        except SpecKeyError as error:
+            raise UserError(f"{path}:{lines.get(error.key, 1)}: {error}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise SpecKeyError(key, f"unknown spec key '{key}'; known keys: {', '.join(known)}")
+        values = dict(data)
+        if "budget" in values:
+            try:
+                values["budget"] = make_budget(values["budget"] or {})
+            except UserError as error:
+                raise SpecKeyError("budget", str(error)) from None
+        if isinstance(values.get("tasks"), str):
+            values["tasks"] = [values["tasks"]]
+        spec = cls(**values)
+        spec.check_types()
+        return spec
+
+    def check_types(self) -> None:
+        expected = {
+            "method": str, "teacher": str, "student": str, "backend": str, "dtype": str, "device": str,
+            "seed": int, "method_config": dict, "tasks": list, "references": bool,
+        }
+        for key, kind in expected.items():
+            value = getattr(self, key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise SpecKeyError(key, f"spec key '{key}' must be a {kind.__name__}, got {value!r}")
+        if not self.tasks or not all(isinstance(task, str) for task in self.tasks):
+            raise SpecKeyError("tasks", f"spec key 'tasks' must be a non-empty list of task names, got {self.tasks!r}")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit <= 0):
+            raise SpecKeyError("limit", f"spec key 'limit' must be a positive integer, got {self.limit!r}")
+        if self.dtype not in DTYPES:
+            raise SpecKeyError("dtype", f"spec key 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def with_overrides(self, **overrides: Any) -> RunSpec:
+        """Apply CLI flags: keys whose value is None are left alone; budget.* keys go to the budget."""
+        budget = {k.removeprefix("budget."): v for k, v in overrides.items() if k.startswith("budget.") and v is not None}
+        top = {k: v for k, v in overrides.items() if not k.startswith("budget.") and v is not None}
+        spec = dataclasses.replace(self, **top)
+        if budget:
+            spec = dataclasses.replace(spec, budget=dataclasses.replace(spec.budget, **budget))
+        spec.check_types()
+        return spec
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def make_budget(values: dict[str, Any]) -> Budget:
+    if not isinstance(values, dict):
+        raise UserError(f"spec key 'budget' must be a mapping (examples:, epochs:, ...), got {values!r}")
+    known = {f.name for f in dataclasses.fields(Budget)}
+    for key in values:
+        if key not in known:
+            raise UserError(f"unknown budget key '{key}'; known keys: {', '.join(sorted(known))}")
+    return Budget(**values)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def cell_key(cell: dict[str, Any]) -> str:
+    """Content hash of a cell description (canonical JSON, sorted keys)."""
+    blob = json.dumps({"schema": SCHEMA_VERSION, **cell}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]

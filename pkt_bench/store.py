@@ -1,0 +1,70 @@
+"""The result store: one JSON record per cell, at `<root>/records/<key>.json`.
+
+Records are written atomically (a unique temp file in the same folder, fsync, rename), so a reader never sees
+a half-written record and a crash leaves the previous record, if any, untouched. Artifacts of a cell live in
+`<root>/artifacts/<key>/`.
+
+Record schema (version `SCHEMA_VERSION`): key, cell (what defines it), task_version, metrics, primary_metric,
+items (per-item outcomes), costs (examples seen, optimizer steps, ...), stages (wall time and peak memory),
+references (student/teacher scores on the same items), artifact, environment, created_at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pkt_bench.spec import SCHEMA_VERSION
+
+
+class ResultStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.records_dir = self.root / "records"
+
+    def path(self, key: str) -> Path:
+        return self.records_dir / f"{key}.json"
+
+    def artifact_dir(self, key: str) -> Path:
+        return self.root / "artifacts" / key
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+    def put(self, record: dict[str, Any]) -> Path:
+        assert record["schema_version"] == SCHEMA_VERSION and record["key"]
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        target = self.path(record["key"])
+        fd, tmp = tempfile.mkstemp(dir=self.records_dir, prefix=f".{record['key']}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(record, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every readable record of a known schema; others are reported and skipped, never changed."""
+        for path in sorted(self.records_dir.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                print(f"pkt-bench: warning: skipping unreadable record {path}: {error}", file=sys.stderr)
+                continue
+            if record.get("schema_version") != SCHEMA_VERSION:
+                print(f"pkt-bench: warning: skipping {path}: schema {record.get('schema_version')!r}, "
+                      f"this pkt-bench reads {SCHEMA_VERSION}", file=sys.stderr)
+                continue
+            yield record
