@@ -66,7 +66,7 @@ class CellOutcome:
 
 
 def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None) -> list[CellOutcome]:
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     _quiet_libraries()
     method = METHODS.get(spec.method)
     config = method.make_config(spec.method_config)
@@ -83,6 +83,11 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
                   f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed {spec.seed}")
     outcomes = []
     for task_name, task in tasks:
+        if method.cls.fine_tunes:
+            b = spec.budget
+            n = min(b.examples, len(task.transfer_data("train")))
+            console.print(f"  budget on {task_name}: {n} train examples x {b.epochs} epochs, batch {b.batch_size} x "
+                          f"accum {b.grad_accum} -> {b.optimizer_steps(n)} optimizer steps at lr {b.lr:g}")
         references = {}
         if spec.references:
             for name in REFERENCE_METHODS:
