@@ -103,10 +103,13 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
 
 def _quiet_libraries() -> None:
     """Our own lines say what runs; the libraries' loading bars and info messages only bury them."""
+    import warnings
+
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
