@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pkt_bench.api import Artifact, TransferContext
+from pkt_bench.models import LINEAR_MODULES
 from pkt_bench.registry import register_method
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -18,7 +18,7 @@ class LoRAConfig:
     rank: int = field(default=16, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input during training"})
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR),
+    target_modules: list[str] = field(default_factory=lambda: list(LINEAR_MODULES),
                                       metadata={"help": "module names that get an adapter (comma-separated on the CLI)"})
 
 

@@ -22,9 +22,9 @@ import re
 from dataclasses import dataclass, field
 
 from pkt_bench.api import Artifact, TransferContext, UserError
+from pkt_bench.models import LINEAR_MODULES
 from pkt_bench.registry import register_method
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _LAYER = re.compile(r"\blayers\.(\d+)\.(?:.*\.)?(\w+)$")
 
 
@@ -34,7 +34,7 @@ class SensitivityConfig:
     rank: int = field(default=16, metadata={"help": "LoRA rank r = rank of the truncated SVD"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input during training"})
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR),
+    target_modules: list[str] = field(default_factory=lambda: list(LINEAR_MODULES),
                                       metadata={"help": "matrices scored, cut and injected (comma-separated)"})
     layer_map: str = field(default="top", metadata={"help": "top: most sensitive layers in order; uniform: evenly spaced"})
 

@@ -14,6 +14,9 @@ from typing import Any
 
 from pkt_bench.api import UserError
 
+LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The per-layer linear matrices of the Llama and Qwen2 layouts: the default targets of LoRA and transfer."""
+
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
