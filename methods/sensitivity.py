@@ -143,7 +143,9 @@ class Sensitivity:
             scores = sensitivity(teacher, tokenizer, seeds, c.target_modules, ctx.budget.max_length)
             ctx.costs["teacher_forward"] = ctx.costs["teacher_backward"] = len(seeds)
             n_teacher = teacher.config.num_hidden_layers
-            totals = [sum(float(s.sum()) for (layer, _), s in scores.items() if layer == i) for i in range(n_teacher)]
+            totals = [0.0] * n_teacher  # total sensitivity per teacher layer
+            for (layer, _), score in scores.items():
+                totals[layer] += float(score.sum())
             weights = {key: module.weight.detach() for key, module in target_modules(teacher, c.target_modules).items()}
         student, student_tokenizer = ctx.pair.load("student")
         mapping = layer_map(totals, student.config.num_hidden_layers, c.layer_map)

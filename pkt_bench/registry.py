@@ -53,9 +53,9 @@ class Entry:
                 f"method {self.name!r} has no option {unknown[0]!r}; its options are: {', '.join(known) or 'none'}"
             )
         merged = {**self.preset, **values}
+        defaults = config_cls().__dict__
         for key, value in values.items():
-            default = config_cls().__dict__[key]
-            merged[key] = _coerce(self.name, key, value, default)
+            merged[key] = _coerce(self.name, key, value, defaults[key])
         return config_cls(**merged)
 
 
