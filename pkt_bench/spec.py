@@ -87,22 +87,11 @@ class RunSpec:
     def from_yaml(cls, path: str | Path) -> RunSpec:
         """Read a spec file; any error names the file and line."""
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"spec file {str(path)!r} does not exist; give the path of a YAML file")
-        text = path.read_text()
-        try:
-            node = yaml.compose(text)
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise UserError(f"{where}: malformed YAML ({problem}); fix the syntax at that line") from error
+        data, lines = read_yaml(path, "spec")
         if data is None:
             return cls()
         if not isinstance(data, dict):
             raise UserError(f"{path}:1: a spec must be a mapping of keys (method:, teacher:, ...), got {type(data).__name__}")
-        lines = {key.value: key.start_mark.line + 1 for key, _ in node.value}
         try:
             return cls.from_dict(data)
         except SpecKeyError as error:
@@ -154,6 +143,39 @@ class RunSpec:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def read_yaml(path: Path, what: str) -> tuple[Any, dict[str, int]]:
+    """A YAML file's data and the line of every mapping key, by dotted path ("budget.lr", "grids[1].tasks").
+
+    A missing file or malformed YAML is a `UserError` naming the file and line.
+    """
+    if not path.is_file():
+        raise UserError(f"{what} file {str(path)!r} does not exist; give the path of a YAML file")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{where}: malformed YAML ({problem}); fix the syntax at that line") from error
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{prefix}.{key.value}" if prefix else str(key.value)
+                lines[name] = key.start_mark.line + 1
+                walk(value, name)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                lines[f"{prefix}[{i}]"] = value.start_mark.line + 1
+                walk(value, f"{prefix}[{i}]")
+
+    walk(node, "")
+    return data, lines
 
 
 def make_budget(values: dict[str, Any]) -> Budget:
