@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from pkt_bench.stats import bootstrap_ci, is_binary, mcnemar, mean_std, paired_bootstrap
+
+
+def test_bootstrap_ci_covers_the_true_mean_at_the_nominal_rate():
+    rng = np.random.default_rng(7)
+    draws, n_items, true_mean = 200, 80, 0.3
+    data = (rng.random((draws, n_items)) < true_mean).astype(float)  # 200 synthetic test sets of 0/1 outcomes
+    covered = 0
+    for i in range(draws):
+        ci = bootstrap_ci(data[i][None, :], seed=i)
+        covered += ci.low <= true_mean <= ci.high
+    assert 0.93 <= covered / draws <= 0.97
+
+
+def test_bootstrap_ci_resamples_seeds_too():
+    one_seed = np.array([[0.0, 1.0] * 20])
+    spread_seeds = np.vstack([one_seed, one_seed * 0.0, one_seed * 0.0 + 1.0])  # seeds disagree wildly
+    narrow, wide = bootstrap_ci(one_seed), bootstrap_ci(spread_seeds)
+    assert narrow.low < 0.5 < narrow.high
+    assert wide.high - wide.low > 2 * (narrow.high - narrow.low)
+    assert bootstrap_ci(np.ones((3, 10))) == bootstrap_ci(np.ones((3, 10)))  # fixed RNG: same CI every time
+
+
+def test_mean_std_over_seeds():
+    assert mean_std([0.2, 0.3, 0.31])[0] == pytest.approx(0.27)
+    assert mean_std([0.2, 0.3, 0.31])[1] == pytest.approx(np.std([0.2, 0.3, 0.31], ddof=1))
+    assert mean_std([0.5]) == (0.5, None)
+
+
+def test_mcnemar_matches_hand_computed_cases():
+    # exact: 1 pair where only the method is right, 6 where only the baseline is; 3 concordant pairs.
+    # p = 2 * P[Bin(7, 1/2) <= 1] = 2 * (1 + 7) / 128 = 0.125
+    method = np.array([1, 0, 0, 0, 0, 0, 0, 1, 1, 0])
+    baseline = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1, 0])
+    assert mcnemar(method, baseline) == pytest.approx(0.125)
+    assert mcnemar(baseline, method) == pytest.approx(0.125)
+    # chi-square: b = 10, c = 30 -> (|10 - 30| - 1)^2 / 40 = 9.025, p = P[chi2_1 > 9.025] = 0.0026631...
+    method = np.array([1] * 10 + [0] * 30 + [1] * 5)
+    baseline = np.array([0] * 10 + [1] * 30 + [1] * 5)
+    assert mcnemar(method, baseline) == pytest.approx(0.002663119259138558, rel=1e-9)
+    assert mcnemar(method, method) == 1.0
+
+
+def test_paired_bootstrap_sign_and_significance():
+    rng = np.random.default_rng(0)
+    baseline = (rng.random((3, 200)) < 0.3).astype(float)
+    better = np.maximum(baseline, (rng.random((3, 200)) < 0.4).astype(float))  # right wherever the baseline is
+    up = paired_bootstrap(better, baseline)
+    down = paired_bootstrap(baseline, better)
+    assert up.delta > 0.1 and up.ci.low > 0 and up.p_value < 0.01 and up.items == 200
+    assert down.delta == pytest.approx(-up.delta) and down.ci.high < 0
+    noise = paired_bootstrap(baseline[:1], baseline[1:2])  # two draws of the same process
+    assert noise.ci.low < 0 < noise.ci.high and noise.p_value > 0.05
+    same = paired_bootstrap(baseline, baseline)
+    assert same.delta == 0 and same.p_value == 1.0
+
+
+def test_is_binary():
+    assert is_binary(np.array([[0.0, 1.0]])) and not is_binary(np.array([[0.5, 1.0]]))
