@@ -2,7 +2,12 @@
 
 Records that differ in anything but task, seed and pair (a method's config, the budget, the item limit, the
 backend, ...) are different variants of a method and get rows of their own, labelled with a short digest.
-Every format prints the same numbers; `table` and `md` round them for reading.
+Each cell also shows the 95% bootstrap CI over items × seeds and how many seeds and items it rests on. With a
+baseline, each row gets the difference to the baseline on the same items with its paired-bootstrap CI and the
+p-value of a paired test (McNemar's for 0/1 metrics, else the paired bootstrap's), marked when p < 0.05; see
+`pkt_bench.stats`. Records whose items
+carry no per-item values still show mean ± std, without CIs. Every format prints the same numbers; `table`,
+`md` and `latex` round them for reading.
 """
 
 from __future__ import annotations
@@ -10,15 +15,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import statistics
+import re
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
+from pkt_bench import stats
+from pkt_bench.api import UserError
 from pkt_bench.spec import cell_key
 
-FORMATS = ("table", "md", "csv", "json")
+FORMATS = ("table", "md", "csv", "json", "latex")
+ALPHA = 0.05
 _NOT_VARIANT = ("task", "task_version", "seed", "teacher", "student")
 _FIRST = {"student": 0, "teacher": 1}
 
@@ -34,25 +44,52 @@ class Score:
     seeds: int
     items: int
     best: bool = False
+    ci_low: float | None = None
+    ci_high: float | None = None
+    wall_s: float | None = None
+    costs: dict[str, float] = field(default_factory=dict)
+    baseline: str | None = None
+    delta: float | None = None
+    delta_low: float | None = None
+    delta_high: float | None = None
+    p_value: float | None = None
+    test: str | None = None
+    significant: bool | None = None
 
 
-def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None) -> list[Score]:
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
+@dataclass
+class _Group:
+    score: Score
+    records: list[dict[str, Any]]
+    outcomes: tuple[list[str], np.ndarray] | None  # item ids, [seeds, items]
+
+
+def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, baseline: str | None = None) -> list[Score]:
+    """One `Score` per (method variant, pair, task); with `baseline` (a method name or row label), Δ against it."""
+    by_key: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     variants: dict[str, set[str]] = defaultdict(set)
     for record in records:
         if tasks and record["task"] not in tasks:
             continue
         variant = cell_key({k: v for k, v in record["cell"].items() if k not in _NOT_VARIANT})[:6]
         variants[record["method"]].add(variant)
-        groups[(record["method"], variant, f"{record['teacher']} -> {record['student']}", record["task"])].append(record)
-    out = []
-    for (method, variant, pair, task), group in groups.items():
+        by_key[(record["method"], variant, f"{record['teacher']} -> {record['student']}", record["task"])].append(record)
+    groups = []
+    for (method, variant, pair, task), group in by_key.items():
         label = f"{method} [{variant}]" if len(variants[method]) > 1 else method
+        group = sorted(group, key=lambda r: r["seed"])
         metric = group[0]["primary_metric"]
-        values = [r["metrics"][metric] for r in sorted(group, key=lambda r: r["seed"])]
-        out.append(Score(label, pair, task, metric, statistics.fmean(values),
-                         statistics.stdev(values) if len(values) > 1 else None, len(values),
-                         sum(len(r["items"]) for r in group) // len(group)))
+        mean, std = stats.mean_std([r["metrics"][metric] for r in group])
+        score = Score(label, pair, task, metric, mean, std, len(group), len(group[0]["items"]),
+                      wall_s=_mean([r.get("wall_s") for r in group]), costs=_mean_costs(group))
+        outcomes = _outcomes(group, metric)
+        if outcomes is not None:
+            ci = stats.bootstrap_ci(outcomes[1])
+            score.ci_low, score.ci_high = ci.low, ci.high
+        groups.append(_Group(score, group, outcomes))
+    if baseline is not None and groups:
+        _compare(groups, baseline)
+    out = [g.score for g in groups]
     for task in {s.task for s in out}:
         column = [s for s in out if s.task == task]
         top = max(s.mean for s in column)
@@ -61,9 +98,90 @@ def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None) ->
     return sorted(out, key=lambda s: (_FIRST.get(s.method, 2), s.method, s.pair, s.task))
 
 
-def _cell_text(score: Score) -> str:
-    text = f"{score.mean:.3f}" if score.std is None else f"{score.mean:.3f} ± {score.std:.3f}"
-    return f"{text} (n={score.seeds})" if score.seeds > 1 else text
+def _mean(values: list[Any]) -> float | None:
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _mean_costs(group: list[dict[str, Any]]) -> dict[str, float]:
+    names = sorted({name for r in group for name in r.get("costs", {})})
+    return {name: sum(r.get("costs", {}).get(name, 0) for r in group) / len(group) for name in names}
+
+
+def _outcomes(group: list[dict[str, Any]], metric: str) -> tuple[list[str], np.ndarray] | None:
+    """The group's per-item values of `metric` as (item ids, `[seeds, items]`); None when any is missing."""
+    ids = [str(item.get("id", i)) for i, item in enumerate(group[0]["items"])]
+    if not ids:
+        return None
+    rows = []
+    for record in group:
+        values = {str(item.get("id", i)): item.get(metric) for i, item in enumerate(record["items"])}
+        row = [values.get(i) for i in ids]
+        if not all(isinstance(v, (int, float)) for v in row):
+            return None
+        rows.append(row)
+    return ids, np.array(rows, dtype=float)
+
+
+def _compare(groups: list[_Group], baseline: str) -> None:
+    """Fill each score's Δ against the baseline row of the same pair and task, on the items both evaluated."""
+    chosen = [g for g in groups if g.score.method == baseline or g.score.method.split(" [")[0] == baseline]
+    if not chosen:
+        known = sorted({g.score.method for g in groups})
+        raise UserError(f"baseline {baseline!r} has no records here; pick one of: {', '.join(known)}")
+    by_cell: dict[tuple[str, str], list[_Group]] = defaultdict(list)
+    for g in chosen:
+        by_cell[(g.score.pair, g.score.task)].append(g)
+    for (pair, task), found in by_cell.items():
+        if len(found) > 1:
+            raise UserError(f"baseline {baseline!r} has {len(found)} variants on {task} ({pair}): "
+                            f"{', '.join(g.score.method for g in found)}; name one with --baseline")
+    for g in groups:
+        base = by_cell.get((g.score.pair, g.score.task), [None])[0]
+        g.score.baseline = base.score.method if base else None
+        if base is None or base is g or g.outcomes is None or base.outcomes is None:
+            continue
+        ids, x = g.outcomes
+        base_ids, y = base.outcomes
+        position = {item: j for j, item in enumerate(base_ids)}
+        shared = [(i, position[item]) for i, item in enumerate(ids) if item in position]
+        if not shared:
+            continue
+        mine, theirs = [i for i, _ in shared], [j for _, j in shared]
+        paired = stats.paired_bootstrap(x[:, mine], y[:, theirs])
+        s = g.score
+        s.delta, s.delta_low, s.delta_high = paired.delta, paired.ci.low, paired.ci.high
+        if stats.is_binary(x) and stats.is_binary(y):
+            s.p_value, s.test = stats.mcnemar(x[:, mine], y[:, theirs]), "mcnemar"
+        else:
+            s.p_value, s.test = paired.p_value, "bootstrap"
+        s.significant = s.p_value < ALPHA
+
+
+def legend(baseline: str | None) -> str:
+    """What a rendered cell shows."""
+    text = "mean ± std over seeds [95% bootstrap CI over items × seeds] (seeds × items); best per column in bold"
+    if baseline is None:
+        return text
+    return (f"{text}. Δ vs {baseline}: difference on the same items [95% paired-bootstrap CI], two-sided p of "
+            f"McNemar's test for 0/1 metrics, else of the paired bootstrap; * p < {ALPHA}")
+
+
+def score_text(score: Score) -> str:
+    """What follows the mean in a cell: ` ± std [CI] (seeds×items)`."""
+    text = f" ± {score.std:.3f}" if score.std is not None else ""
+    if score.ci_low is not None:
+        text += f" [{score.ci_low:.3f}, {score.ci_high:.3f}]"
+    return f"{text} ({score.seeds}×{score.items})"
+
+
+def delta_text(score: Score) -> str:
+    if score.baseline is not None and score.method == score.baseline:
+        return "baseline"
+    if score.delta is None:
+        return ""
+    p = "p<0.001" if score.p_value < 0.001 else f"p={score.p_value:.3f}"
+    return f"{score.delta:+.3f} [{score.delta_low:+.3f}, {score.delta_high:+.3f}] {p}{' *' if score.significant else ''}"
 
 
 def _grid(rows: list[Score]) -> tuple[list[str], list[tuple[str, str]], dict[tuple[str, str, str], Score]]:
@@ -72,37 +190,76 @@ def _grid(rows: list[Score]) -> tuple[list[str], list[tuple[str, str]], dict[tup
     return tasks, keys, {(s.method, s.pair, s.task): s for s in rows}
 
 
+def _flat(score: Score) -> dict[str, Any]:
+    row = asdict(score)
+    costs = row.pop("costs")
+    return {**row, **{f"cost.{name}": value for name, value in costs.items()}}
+
+
 def render(rows: list[Score], fmt: str) -> Any:
-    """A Rich table for "table", else the text of the md/csv/json rendering."""
+    """A Rich table for "table", else the text of the md/csv/json/latex rendering."""
     if fmt == "json":
         return json.dumps([asdict(s) for s in rows], indent=1)
     if fmt == "csv":
+        flat = [_flat(s) for s in rows]
+        costs = sorted({name for row in flat for name in row if name.startswith("cost.")})
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(Score.__dataclass_fields__), lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=[*(f for f in Score.__dataclass_fields__ if f != "costs"), *costs],
+                                lineterminator="\n")
         writer.writeheader()
-        writer.writerows(asdict(s) for s in rows)
+        writer.writerows(flat)
         return buffer.getvalue()
     tasks, keys, by_key = _grid(rows)
     metrics = {t: next(s.metric for s in rows if s.task == t) for t in tasks}
-    headers = ["method", "pair"] + [f"{t} ({metrics[t]})" for t in tasks]
-    if fmt == "md":
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        for method, pair in keys:
-            cells = []
-            for t in tasks:
-                s = by_key.get((method, pair, t))
-                cells.append("" if s is None else f"**{_cell_text(s)}**" if s.best else _cell_text(s))
-            lines.append("| " + " | ".join([method, pair, *cells]) + " |")
-        return "\n".join(lines)
-    from rich.table import Table
+    baseline = next((s.baseline for s in rows if s.baseline is not None), None)
+    compared = baseline is not None or any(s.delta is not None for s in rows)
+    headers = ["method", "pair"]
+    for t in tasks:
+        headers += [f"{t} ({metrics[t]})"] + ([f"Δ {t} vs {baseline}"] if compared else [])
 
-    table = Table(title="pkt-bench leaderboard (best per column in bold green)")
-    for header in headers:
-        table.add_column(header, justify="left" if header in ("method", "pair") else "right")
-    for method, pair in keys:
-        cells = []
+    def row(method: str, pair: str, bold: Callable[[str], str], escape: Callable[[str], str]) -> list[str]:
+        out = [escape(method), escape(pair)]
         for t in tasks:
             s = by_key.get((method, pair, t))
-            cells.append("" if s is None else f"[bold green]{_cell_text(s)}[/]" if s.best else _cell_text(s))
-        table.add_row(method, pair, *cells)
+            if s is None:
+                out += [""] * (2 if compared else 1)
+                continue
+            mean = f"{s.mean:.3f}"
+            out.append((bold(mean) if s.best else mean) + escape(score_text(s)))
+            if compared:
+                out.append(escape(delta_text(s)))
+        return out
+
+    if fmt == "md":
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(row(m, p, lambda t: f"**{t}**", str)) + " |" for m, p in keys]
+        return "\n".join(lines + ["", f"Cells: {legend(baseline)}."])
+    if fmt == "latex":
+        body = [row(m, p, lambda t: rf"\textbf{{{t}}}", _latex_escape) for m, p in keys]
+        return _latex([_latex_escape(h) for h in headers], body, legend(baseline))
+    from rich.markup import escape as rich_escape
+    from rich.table import Table
+
+    table = Table(title="pkt-bench leaderboard", caption=legend(baseline))
+    for header in headers:
+        table.add_column(rich_escape(header), justify="left" if header in ("method", "pair") else "right")
+    for method, pair in keys:
+        table.add_row(*row(method, pair, lambda t: f"[bold green]{t}[/]", rich_escape))
     return table
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "×": r"$\times$", "Δ": r"$\Delta$", "<": r"$<$", "->": r"$\rightarrow$"}
+
+
+def _latex_escape(text: str) -> str:
+    return re.sub(r"->|[\\&%$#_{}~^±×Δ<]", lambda match: _LATEX_ESCAPES[match.group()], text)
+
+
+def _latex(headers: list[str], rows: list[list[str]], caption: str) -> str:
+    """A booktabs tabular (needs `\\usepackage{booktabs}`), the legend as a comment above it."""
+    lines = [f"% {caption}", r"\begin{tabular}{ll" + "r" * (len(headers) - 2) + "}", r"\toprule",
+             " & ".join(headers) + r" \\", r"\midrule"]
+    lines += [" & ".join(row) + r" \\" for row in rows]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])

@@ -44,6 +44,13 @@ def test_mcnemar_matches_hand_computed_cases():
     assert mcnemar(method, method) == 1.0
 
 
+def test_mcnemar_with_seeds_counts_items_not_item_seed_pairs():
+    method = np.array([[1, 1, 1, 0], [1, 0, 1, 0]])  # item means 1, .5, 1, 0
+    baseline = np.array([[0, 0, 0, 0]])  # one seed: item means 0, 0, 0, 0
+    assert mcnemar(method, baseline) == pytest.approx(2 * 1 / 8)  # b = 3 items, c = 0: 2 * P[Bin(3, .5) = 0]
+    assert mcnemar(np.vstack([method] * 5), baseline) == mcnemar(method, baseline)  # more seeds, same items
+
+
 def test_paired_bootstrap_sign_and_significance():
     rng = np.random.default_rng(0)
     baseline = (rng.random((3, 200)) < 0.3).astype(float)
