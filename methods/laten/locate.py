@@ -1,0 +1,274 @@
+"""Locate: LaTen's static neuron-level attribution, and what it selects to move.
+
+The attribution is the *log-probability increase* of Yu & Ananiadou (EMNLP 2024, "Neuron-Level Knowledge
+Attribution in Large Language Models"): one forward pass, no gradients. For an example whose text ends in the
+answer token w, every quantity is read at the last input position t (the one that predicts w), and a
+residual-stream vector v is scored through the *logit lens*
+
+    log p(w | v) = log softmax(W_U · (g ⊙ v / s))_w
+
+with W_U the unembedding, g the final RMSNorm's gain and s one scale per example taken from the last layer's
+output h at t (`lens_norm`: "rms", s = sqrt(mean(h²) + eps), the original method's true RMSNorm; "upstream",
+s = sqrt(sqrt(Var(h) + 1e-5) + 1e-6), what the LaTen code does). With x_l the input of layer l, a_l its
+attention output, r_l = x_l + a_l and f_l its FFN output:
+
+- layer scores: attention log p(w | x_l + a_l) - log p(w | x_l), FFN log p(w | r_l + f_l) - log p(w | r_l);
+- FFN neuron i: log p(w | r_l + m_i·u_i) - log p(w | r_l), with m = SiLU(W_gate n) ⊙ (W_up n) the FFN
+  coefficients at t and u_i column i of W_down;
+- attention channel j (an input column of W_o, j = h·head_dim + e): log p(w | x_l + z_j·W_o[:, j]) - log p(w | x_l),
+  with z_j = α_h[t, t]·v_t[kv(h)·head_dim + e] (`attn_values` "self": the self-position value only, as upstream)
+  or the whole o_proj input at t (`attn_values` "all": the sum over positions);
+- v_proj row r (kv head k, channel e): the same with the sum of z_j·W_o[:, j] over the heads j that read it,
+  since under GQA one value row feeds `heads / kv_heads` o_proj columns. Without GQA a v row and an o column
+  are one channel and score the same.
+
+Scores of several examples add up. A *selection* keeps the top L_student layers by score (separately for FFN and
+attention, in layer order) and, in each, the top-n neurons by score, in rank order; the counts come from the
+student's widths times the transfer rate ρ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pkt_bench.api import Example, UserError
+
+ANSWER_TAIL = '." )\n,]'
+"""Characters stripped from the end of a response so that its last token is the answer (the final number, the
+letter, the last code character), as upstream does."""
+
+MODULES = {  # name -> (path inside a decoder layer, neuron kind, weight axis that indexes the neurons)
+    "up_proj": ("mlp.up_proj", "ffn", 0),  # row i: neuron i's input ("key") vector
+    "down_proj": ("mlp.down_proj", "ffn", 1),  # column i: neuron i's output ("value") vector
+    "v_proj": ("self_attn.v_proj", "v", 0),  # row r: value channel r (kv space)
+    "o_proj": ("self_attn.o_proj", "o", 1),  # column j: attention channel j (heads x head_dim space)
+}
+_LENS_BLOCK = 2**26  # logits computed per block of at most this many entries
+
+
+@dataclass
+class Widths:
+    """The widths a selection counts in: layers, hidden size, FFN neurons, o_proj columns, v_proj rows."""
+
+    layers: int
+    hidden: int
+    ffn: int
+    o: int
+    v: int
+    kv_heads: int
+
+    @classmethod
+    def of(cls, config) -> Widths:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                   config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads)
+
+
+def counts(student: Widths, teacher: Widths, rate: float) -> dict[str, int]:
+    """Neurons moved per layer: ⌊student width · ρ⌋ of each kind, taken from both models."""
+    n = {kind: int(getattr(student, kind) * rate) for kind in ("ffn", "o", "v")}
+    for kind, label in (("ffn", "FFN neurons"), ("o", "o_proj columns"), ("v", "v_proj rows")):
+        if n[kind] == 0:
+            raise UserError(f"transfer_rate {rate} selects no {label} (student width {getattr(student, kind)}); "
+                            f"raise -o transfer_rate")
+        if n[kind] > getattr(teacher, kind):
+            raise UserError(f"transfer_rate {rate} takes {n[kind]} {label} per layer but the teacher has only "
+                            f"{getattr(teacher, kind)}; lower -o transfer_rate or pick a wider teacher")
+    return n
+
+
+@dataclass
+class Attribution:
+    """Scores of one model, summed over examples. Layer scores [L]; neuron scores [L, width]."""
+
+    attn_layers: torch.Tensor
+    ffn_layers: torch.Tensor
+    ffn: torch.Tensor
+    o: torch.Tensor
+    v: torch.Tensor
+
+    def __add__(self, other: Attribution) -> Attribution:
+        return Attribution(*(a + b for a, b in zip(self.tensors(), other.tensors())))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.attn_layers, self.ffn_layers, self.ffn, self.o, self.v
+
+
+@dataclass
+class Selection:
+    """What moves, for one model: layers in order, and per selected layer its neurons in rank order."""
+
+    ffn_layers: list[int]
+    attn_layers: list[int]
+    ffn: torch.Tensor  # [L_student, n_ffn] FFN neuron indices
+    o: torch.Tensor  # [L_student, n_o] o_proj column indices
+    v: torch.Tensor  # [L_student, n_v] v_proj row indices
+
+    def layers(self, kind: str) -> list[int]:
+        return self.ffn_layers if kind == "ffn" else self.attn_layers
+
+
+def answer_ids(example: Example, tokenizer) -> list[int]:
+    """Tokens of prompt + response cut after the answer (the tokenizer's own special tokens, as in evaluation)."""
+    ids = tokenizer(example.prompt + example.response.rstrip(ANSWER_TAIL)).input_ids
+    if len(ids) < 2:
+        raise UserError(f"example {example.id!r} has fewer than two tokens; LaTen attributes its last token")
+    return ids
+
+
+class _Capture:
+    """Forward hooks that keep, per layer, the internals at the last position (no model code is patched)."""
+
+    def __init__(self, model, attn_values: str):
+        self.layers = model.base_model.layers
+        self.attn_values = attn_values
+        self.seen: dict[tuple[str, int], torch.Tensor] = {}
+        self.handles = []
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            self._pre(layer, "x", i)
+            self._post(attn, "a", i)
+            self._post(attn.v_proj, "v", i)
+            self._pre(attn.o_proj, "z", i)
+            self._post(mlp, "f", i)
+            self._pre(mlp.down_proj, "m", i)
+        self._post(self.layers[-1], "h", len(self.layers) - 1)
+
+    def _pre(self, module, name, i):
+        def hook(_, args, kwargs):
+            value = args[0] if args else kwargs["hidden_states"]
+            self.seen[name, i] = value[0, -1].detach().float()
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _post(self, module, name, i):
+        def hook(_, args, output):
+            value = output[0] if isinstance(output, tuple) else output
+            self.seen[name, i] = value[0, -1].detach().float()
+            if name == "a" and self.attn_values == "self":  # eager attention hands out its weights: keep α_h[t, t]
+                self.seen["alpha", i] = output[1][0, :, -1, -1].detach().float()
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def z(self, i: int, heads: int, kv_heads: int) -> torch.Tensor:
+        """Per-channel attention value at t [heads·head_dim]."""
+        if self.attn_values == "all":
+            return self.seen["z", i]
+        alpha, v = self.seen["alpha", i], self.seen["v", i]  # [heads], [kv_heads·head_dim]
+        per_head = v.view(kv_heads, -1).repeat_interleave(heads // kv_heads, dim=0)  # [heads, head_dim]
+        return (alpha[:, None] * per_head).flatten()
+
+
+class Lens:
+    """log p(w | v) for residual-stream vectors of one model at one example's position t."""
+
+    def __init__(self, model, final: torch.Tensor, how: str):
+        norm = model.base_model.norm
+        self.unembed = model.get_output_embeddings().weight  # [V, d]
+        self.gain = norm.weight.detach().float()
+        if how == "rms":
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+            self.scale = torch.sqrt(final.pow(2).mean() + eps)
+        else:  # upstream: sqrt of a standard deviation
+            self.scale = torch.sqrt(torch.sqrt(final.var(unbiased=False) + 1e-5) + 1e-6)
+
+    def __call__(self, vectors: torch.Tensor, w: int) -> torch.Tensor:
+        """[N, d] -> [N] log-probabilities of token w."""
+        out = []
+        block = max(1, _LENS_BLOCK // self.unembed.shape[0])
+        for chunk in vectors.split(block):
+            normed = (chunk * self.gain / self.scale).to(self.unembed.device, self.unembed.dtype)
+            logits = (normed @ self.unembed.T).float()  # [n, V]
+            out.append(logits[:, w] - logits.logsumexp(-1))
+        return torch.cat(out).to(vectors.device)
+
+
+def _example_scores(model, capture: _Capture, lens: Lens, w: int) -> Attribution:
+    heads = model.config.num_attention_heads
+    kv_heads = model.config.num_key_value_heads or heads
+    rows = {name: [] for name in ("attn_layers", "ffn_layers", "ffn", "o", "v")}
+    for i, layer in enumerate(capture.layers):
+        x, a, f, m = (capture.seen[name, i] for name in ("x", "a", "f", "m"))
+        r = x + a
+        base_x, with_a, base_r, with_f = lens(torch.stack([x, x + a, r, r + f]), w)
+        rows["attn_layers"].append(with_a - base_x)
+        rows["ffn_layers"].append(with_f - base_r)
+        w_down = layer.mlp.down_proj.weight.detach().float()  # [d, f]
+        rows["ffn"].append(lens(r + m[:, None] * w_down.T, w) - base_r)
+        w_o = layer.self_attn.o_proj.weight.detach().float()  # [d, heads·head_dim]
+        channels = (w_o * capture.z(i, heads, kv_heads)).T  # [heads·head_dim, d]: z_j · W_o[:, j]
+        rows["o"].append(lens(x + channels, w) - base_x)
+        per_value = channels.view(kv_heads, heads // kv_heads, -1, channels.shape[1]).sum(1)  # [kv, head_dim, d]
+        rows["v"].append(lens(x + per_value.flatten(0, 1), w) - base_x)
+    return Attribution(*(torch.stack(rows[name]) for name in ("attn_layers", "ffn_layers", "ffn", "o", "v")))
+
+
+@torch.no_grad()
+def attribute(model, tokenizer, examples: Sequence[Example], lens_norm: str, attn_values: str) -> Attribution:
+    """Scores of `model` summed over `examples` (one forward pass each)."""
+    device = next(model.parameters()).device
+    previous = model.config._attn_implementation
+    if attn_values == "self":
+        model.set_attn_implementation("eager")  # the only implementation that hands out attention weights
+    capture = _Capture(model, attn_values)
+    total = None
+    try:
+        for example in examples:
+            ids = answer_ids(example, tokenizer)
+            model(input_ids=torch.tensor([ids[:-1]], device=device))
+            lens = Lens(model, capture.seen["h", len(capture.layers) - 1], lens_norm)
+            scores = _example_scores(model, capture, lens, ids[-1])
+            total = scores if total is None else total + scores
+    finally:
+        capture.remove()
+        model.set_attn_implementation(previous)
+    return total
+
+
+def top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n highest scores, highest first (ties: lower index first)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:n]
+
+
+def top_layers(scores: torch.Tensor, n_layers: int) -> list[int]:
+    """The `n_layers` highest-scoring layers, in layer order (the layer map: k-th of them -> student layer k)."""
+    if len(scores) < n_layers:
+        raise UserError(f"the teacher has {len(scores)} layers, fewer than the student's {n_layers}; "
+                        f"pick a deeper teacher")
+    return sorted(top(scores, n_layers).tolist())
+
+
+def select(attribution: Attribution, n_layers: int, n: dict[str, int]) -> Selection:
+    """Top `n_layers` layers (in order) per kind, and the top neurons of each, in rank order."""
+    ffn_layers = top_layers(attribution.ffn_layers, n_layers)
+    attn_layers = top_layers(attribution.attn_layers, n_layers)
+    return Selection(
+        ffn_layers, attn_layers,
+        torch.stack([top(attribution.ffn[layer], n["ffn"]) for layer in ffn_layers]),
+        torch.stack([top(attribution.o[layer], n["o"]) for layer in attn_layers]),
+        torch.stack([top(attribution.v[layer], n["v"]) for layer in attn_layers]),
+    )
+
+
+def weight(model, layer: int, module: str):
+    return model.base_model.layers[layer].get_submodule(MODULES[module][0]).weight
+
+
+def vectors(model, selection: Selection, module: str) -> torch.Tensor:
+    """The selected neurons' vectors of one module type, [L_student, n, d] fp32, rows and columns alike."""
+    _, kind, axis = MODULES[module]
+    indices = getattr(selection, kind)
+    picked = []
+    for k, layer in enumerate(selection.layers(kind)):
+        matrix = weight(model, layer, module).detach()
+        rows = matrix.index_select(axis, indices[k].to(matrix.device))
+        picked.append(rows if axis == 0 else rows.T)
+    return torch.stack(picked).float().cpu()
