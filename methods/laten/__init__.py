@@ -104,9 +104,9 @@ class LaTen:
             folder = ctx.cached("laten-extract", self.identity(ctx), lambda out: self.extract(ctx, out))
         model, tokenizer = ctx.pair.load("student")
         translator, selection, vectors = load_fusion(folder)
-        translator.to(next(model.parameters()).device)
+        device = next(model.parameters()).device
         with torch.no_grad():
-            deltas = translator({m: v.to(next(model.parameters()).device) for m, v in vectors.items()})
+            deltas = translator.to(device)({m: v.to(device) for m, v in vectors.items()})
         merge(model, selection, deltas)
         path = ctx.workdir / "model"
         model.save_pretrained(path)
@@ -123,10 +123,11 @@ class LaTen:
         n_steps = self.steps(ctx.task_name)
         seeds = ctx.examples("seed", seed=c.extract_seed)
         align_pool = ctx.examples("align", seed=c.extract_seed)
-        if not seeds or not align_pool:
-            raise UserError(f"task {ctx.task_name!r} hands out no seed or no align examples; LaTen needs both")
+        fuse = ctx.examples("train", c.fuse_examples, seed=c.extract_seed)
+        if not (seeds and align_pool and fuse):
+            raise UserError(f"task {ctx.task_name!r} hands out no seed, align or train examples; LaTen needs all three")
         groups = {f"step{i}": [seeds[i % len(seeds)]] for i in range(n_steps)}
-        groups["fuse"] = ctx.examples("train", c.fuse_examples, seed=c.extract_seed)
+        groups["fuse"] = fuse
 
         student_widths = locate.Widths.of(AutoConfig.from_pretrained(ctx.pair.student.path))
         teacher, tokenizer = ctx.pair.load("teacher")
