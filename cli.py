@@ -27,6 +27,14 @@ Plugins = Annotated[Optional[list[Path]], typer.Option("--plugin", help="a .py f
 Results = Annotated[Path, typer.Option("--results", envvar="PKT_BENCH_RESULTS", help="folder of result records")]
 
 
+def method_options() -> str:
+    """Every method's options, for the --help of the commands that take `--option`."""
+    lines = [f"{entry.name}: {', '.join(f.name for f in entry.config_fields())}" for entry in METHODS.entries()
+             if entry.config_fields()]
+    return "Method options (-o KEY=VALUE; defaults and help: pkt-bench list methods --details):\n\n" + \
+        "\n\n".join(lines)
+
+
 def user_errors(command):
     """Turn a UserError into one line on stderr and exit code 2."""
 
@@ -56,7 +64,7 @@ def _options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
-@app.command()
+@app.command(epilog=method_options())
 @user_errors
 def run(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="transfer method (see `pkt-bench list methods`)")] = None,
@@ -97,6 +105,34 @@ def run(
     run_spec(spec, ResultStore(results), force=force)
 
 
+@app.command(epilog=method_options())
+@user_errors
+def extract(
+    method: Annotated[str, typer.Option("--method", "-m", help="a method with an extraction stage")],
+    out: Annotated[Path, typer.Option(help="new folder for the extracted files")],
+    teacher: Annotated[Optional[str], typer.Option(help="teacher: HF id, local HF folder, or pico-teacher")] = None,
+    student: Annotated[Optional[str], typer.Option(help="student: HF id, local HF folder, or pico-student")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", "-t", help="task whose transfer data drives the extraction")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="method option KEY=VALUE; repeatable")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed (random choices use the method's extract_seed)")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="tokens per example, cut beyond")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
+    plugin: Plugins = None,
+):
+    """Run only a method's extraction stage (what it takes from the teacher) and write its files to --out."""
+    _load_plugins(plugin)
+    spec = RunSpec().with_overrides(
+        method=method, teacher=teacher, student=student, tasks=[task] if task else None, seed=seed,
+        data_dir=data_dir, dtype=dtype, device=device, method_config=_options(option) if option else None,
+        **{"budget.max_length": max_length},
+    )
+    from pkt_bench.runner import extract as run_extract
+
+    run_extract(spec, out)
+
+
 @app.command("list")
 @user_errors
 def list_(
@@ -127,9 +163,12 @@ def list_(
 def leaderboard(
     results: Results = Path("results"),
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="only these tasks")] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, md, csv or json")] = "table",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, md, csv, json or latex")] = "table",
+    baseline: Annotated[Optional[str], typer.Option(help="method to compare against on the same items (Δ, CI, p)")] = None,
+    cost: Annotated[bool, typer.Option("--cost", help="add cost columns: examples, optimizer steps, teacher passes "
+                                                      "and tokens, wall seconds (per run, summed over tasks)")] = False,
 ):
-    """Show stored results: methods as rows, tasks as columns, mean ± std over seeds."""
+    """Show stored results: methods as rows, tasks as columns, mean ± std over seeds with 95% bootstrap CIs."""
     from pkt_bench.leaderboard import FORMATS, render, scores
     from pkt_bench.store import ResultStore
 
@@ -137,11 +176,11 @@ def leaderboard(
         raise UserError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if not results.is_dir():
         raise UserError(f"results folder {str(results)!r} does not exist; run `pkt-bench run` first or pass --results")
-    rows = scores(ResultStore(results).records(), task)
+    rows = scores(ResultStore(results).records(), task, baseline)
     if not rows:
         print(f"no records in {results}" + (f" for tasks {', '.join(task)}" if task else ""), file=sys.stderr)
         return
-    rendered = render(rows, fmt)
+    rendered = render(rows, fmt, cost)
     if fmt == "table":
         out.print(rendered)
     else:

@@ -16,7 +16,7 @@ their functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
@@ -60,11 +60,13 @@ class Artifact:
 
 @dataclass
 class EvalResult:
-    """A task's verdict on one artifact: its metrics, which one ranks methods, and per-item outcomes."""
+    """A task's verdict on one artifact: its metrics, which one ranks methods, per-item outcomes, and how it was
+    evaluated (`details`: engine version, effective generation settings, an example prompt, ...)."""
 
     metrics: dict[str, float]
     primary_metric: str
     items: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Generator(Protocol):
@@ -84,12 +86,20 @@ class EvalTarget(Protocol):
 
     def generator(self) -> Generator: ...
 
+    def lm_eval_model(self) -> Any:
+        """The artifact as an lm-eval model (`lm_eval.api.model.LM`) of the target's backend."""
+        ...
+
 
 class Task(Protocol):
-    """A task: transfer data in three roles and an evaluation. Constructed as `TaskClass(data_dir)`.
+    """A task: transfer data in three roles and an evaluation. Constructed as `TaskClass(data_dir)`, or, when
+    the class has a `Config` dataclass of task options, `TaskClass(data_dir, config)`; a task that runs
+    model-written code sets `executes_code = True` and takes `allow_code_execution=True` as well.
 
     `version` changes whenever the prompt or the scoring changes; it is part of every record's key. A task may
-    also define `check_pair(pair)`, raising `UserError` before anything runs if it cannot evaluate that pair.
+    also define `check_pair(pair)`, raising `UserError` before anything runs if it cannot evaluate that pair;
+    `generation = {"max_new_tokens": N, "stop": [...]}`, how a model answers its transfer prompts (used by
+    distillation); and, with gold answers, `check(example, completion) -> bool` for a transfer example.
     The name is the one given at registration (`@register_task("name")`).
     """
 
@@ -109,6 +119,10 @@ class TransferMethod(Protocol):
     `fine_tunes` says whether the method runs the shared fine-tuning loop; only then is the run's budget part
     of the cell's identity. The name is the one given at registration (`@register_method("name")`); one class
     may be registered under several names with preset config values.
+
+    A method with an extraction stage (what it takes from the teacher before any fine-tuning) also defines
+    `extract(ctx, out)`, writing its files into the folder `out`; `pkt-bench extract` calls it, and `transfer`
+    reaches it through `ctx.cached(...)` so that runs differing only in what comes after reuse it.
     """
 
     description: ClassVar[str]
@@ -130,26 +144,56 @@ class TransferContext:
     workdir: Path
     meter: StageMeter
     costs: dict[str, int] = field(default_factory=dict)
+    task_name: str = ""
+    data_dir: str | None = None
+    cache_dir: Path | None = None
+    backend: str = "hf"
 
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time a stage ("extract", "fine-tune", ...) with its peak memory; the rest counts as "transfer"."""
         return self.meter.stage(name)
 
-    def examples(self, role: str, n: int | None = None) -> list[Example]:
-        """`n` examples of `role` (all when None), a sample fixed by the run's seed."""
+    def examples(self, role: str, n: int | None = None, seed: int | None = None) -> list[Example]:
+        """`n` examples of `role` (all when None), a sample fixed by `seed` (default: the run's seed)."""
         from pkt_bench.data import sample
 
-        return sample(self.task.transfer_data(role), n, self.seed)
+        return sample(self.task.transfer_data(role), n, self.seed if seed is None else seed)
 
-    def finetune(self, model: Any, tokenizer: Any) -> TrainStats:
-        """Train `model`'s trainable parameters (a PEFT model) with the shared loop, under the run's budget."""
+    def cached(self, kind: str, identity: dict[str, Any], build: Callable[[Path], None]) -> Path:
+        """The folder `build(folder)` fills, built once per content hash and reused afterwards.
+
+        The hash covers `kind`, `identity` (everything of the method's config and inputs the folder depends on)
+        and, always, the pair's identities, device type and dtype, the task with its version and the data dir.
+        The costs `build` adds to `self.costs` are stored beside it and added again on reuse, so a record
+        states what its result cost; `costs["reused"]` counts the reuses. With no cache dir (`pkt-bench
+        extract`), the folder is built fresh inside the workdir.
+        """
+        from pkt_bench.cache import cached
+
+        return cached(self, kind, identity, build)
+
+    def finetune(self, model: Any, tokenizer: Any, examples: list[Example] | None = None) -> TrainStats:
+        """Train `model`'s trainable parameters (a PEFT model) with the shared loop, under the run's budget.
+
+        `examples` defaults to the budget's sample of the task's train data; a method that rewrites the responses
+        (distillation) passes its own, at most as many.
+        """
         from pkt_bench.finetune import finetune
 
+        if examples is None:
+            examples = self.examples("train", self.budget.examples)
         with self.stage("fine-tune"):
-            stats = finetune(model, tokenizer, self.examples("train", self.budget.examples), self.budget, self.seed)
+            stats = finetune(model, tokenizer, examples[: self.budget.examples], self.budget, self.seed)
         self.costs["examples_seen"] = self.costs.get("examples_seen", 0) + stats.examples_seen
         self.costs["optimizer_steps"] = self.costs.get("optimizer_steps", 0) + stats.optimizer_steps
         return stats
+
+    def save_merged(self, model: Any, tokenizer: Any) -> Artifact:
+        """Merge a PEFT model's adapter into its base and save the whole model (for inits that change the base)."""
+        path = self.workdir / "model"
+        model.merge_and_unload().save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return Artifact(kind="model", path=str(path))
 
     def save_adapter(self, model: Any, tokenizer: Any) -> Artifact:
         """Save a PEFT model's adapter (and the tokenizer) into the workdir; return it as an artifact."""

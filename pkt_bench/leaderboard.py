@@ -46,6 +46,7 @@ class Score:
     best: bool = False
     ci_low: float | None = None
     ci_high: float | None = None
+    per_seed: dict[int, float] = field(default_factory=dict)
     wall_s: float | None = None
     costs: dict[str, float] = field(default_factory=dict)
     baseline: str | None = None
@@ -79,8 +80,9 @@ def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, ba
         label = f"{method} [{variant}]" if len(variants[method]) > 1 else method
         group = sorted(group, key=lambda r: r["seed"])
         metric = group[0]["primary_metric"]
-        mean, std = stats.mean_std([r["metrics"][metric] for r in group])
-        score = Score(label, pair, task, metric, mean, std, len(group), len(group[0]["items"]),
+        per_seed = {r["seed"]: r["metrics"][metric] for r in group}
+        mean, std = stats.mean_std(list(per_seed.values()))
+        score = Score(label, pair, task, metric, mean, std, len(group), len(group[0]["items"]), per_seed=per_seed,
                       wall_s=_mean([r.get("wall_s") for r in group]), costs=_mean_costs(group))
         outcomes = _outcomes(group, metric)
         if outcomes is not None:
@@ -192,20 +194,40 @@ def _grid(rows: list[Score]) -> tuple[list[str], list[tuple[str, str]], dict[tup
 
 def _flat(score: Score) -> dict[str, Any]:
     row = asdict(score)
-    costs = row.pop("costs")
-    return {**row, **{f"cost.{name}": value for name, value in costs.items()}}
+    costs, per_seed = row.pop("costs"), row.pop("per_seed")
+    return {**row, **{f"seed.{seed}": value for seed, value in per_seed.items()},
+            **{f"cost.{name}": value for name, value in costs.items()}}
 
 
-def render(rows: list[Score], fmt: str) -> Any:
-    """A Rich table for "table", else the text of the md/csv/json/latex rendering."""
+COSTS = ("examples_seen", "optimizer_steps", "teacher_forward", "teacher_backward", "teacher_tokens_generated")
+
+
+def cost_columns(rows: list[Score]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (method, pair): the mean cost of one run, summed over the tasks shown, with wall time and peak memory.
+
+    The standard costs always appear (0 when a method spends none), then any other a method recorded.
+    """
+    names = list(COSTS) + sorted({n for s in rows for n in s.costs if n not in COSTS and n != "reused"})
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for s in rows:
+        totals = out.setdefault((s.method, s.pair), dict.fromkeys([*names, "wall_s"], 0.0))
+        for name in names:
+            totals[name] += s.costs.get(name, 0.0)
+        totals["wall_s"] += s.wall_s or 0.0
+    return out
+
+
+def render(rows: list[Score], fmt: str, cost: bool = False) -> Any:
+    """A Rich table for "table", else the text of the md/csv/json/latex rendering; `cost` adds cost columns."""
     if fmt == "json":
         return json.dumps([asdict(s) for s in rows], indent=1)
     if fmt == "csv":
         flat = [_flat(s) for s in rows]
-        costs = sorted({name for row in flat for name in row if name.startswith("cost.")})
+        fields = [f for f in Score.__dataclass_fields__ if f not in ("costs", "per_seed")]
+        extra = sorted({name for row in flat for name in row if name not in fields},
+                       key=lambda name: (not name.startswith("seed."), len(name), name))
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[*(f for f in Score.__dataclass_fields__ if f != "costs"), *costs],
-                                lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=fields + extra, lineterminator="\n")
         writer.writeheader()
         writer.writerows(flat)
         return buffer.getvalue()
@@ -216,6 +238,9 @@ def render(rows: list[Score], fmt: str) -> Any:
     headers = ["method", "pair"]
     for t in tasks:
         headers += [f"{t} ({metrics[t]})"] + ([f"Δ {t} vs {baseline}"] if compared else [])
+    costs = cost_columns(rows) if cost else {}
+    cost_names = list(next(iter(costs.values()))) if costs else []
+    headers += cost_names
 
     def row(method: str, pair: str, bold: Callable[[str], str], escape: Callable[[str], str]) -> list[str]:
         out = [escape(method), escape(pair)]
@@ -228,7 +253,7 @@ def render(rows: list[Score], fmt: str) -> Any:
             out.append((bold(mean) if s.best else mean) + escape(score_text(s)))
             if compared:
                 out.append(escape(delta_text(s)))
-        return out
+        return out + [f"{costs[method, pair][name]:,.{1 if name == 'wall_s' else 0}f}" for name in cost_names]
 
     if fmt == "md":
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -101,6 +103,46 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
     return outcomes
 
 
+def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[str, int]:
+    """Run only the extraction stage of `spec.method` on its first task, writing its files into `out`.
+
+    `out` must not exist or be empty; the files are built in a temp folder beside it and renamed into place.
+    Returns the costs of the extraction.
+    """
+    console = console or Console(stderr=True, soft_wrap=True)
+    _quiet_libraries()
+    method = METHODS.get(spec.method)
+    if not hasattr(method.cls, "extract"):
+        having = [e.name for e in METHODS.entries() if hasattr(e.cls, "extract")]
+        raise UserError(f"method {method.name!r} has no extraction stage; methods with one: {', '.join(having)}")
+    config = method.make_config(spec.method_config)
+    if len(spec.tasks) != 1:
+        raise UserError(f"extract takes exactly one --task, got {len(spec.tasks)}")
+    task_entry = TASKS.get(spec.tasks[0])
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{str(out)!r} exists and is not an empty folder; pick a new --out or remove it")
+    pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
+    task = task_entry.cls(spec.data_dir)
+    console.print(f"[bold]pkt-bench extract[/]: method [cyan]{method.name}[/] on {task_entry.name}; teacher "
+                  f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype})")
+    from transformers import set_seed
+
+    set_seed(spec.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        ctx = TransferContext(pair, task, spec.budget, spec.seed, partial, StageMeter(), task_name=task_entry.name,
+                              data_dir=spec.data_dir)
+        method.cls(config).extract(ctx, partial)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    console.print(f"  wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    return ctx.costs
+
+
 def _quiet_libraries() -> None:
     """Our own lines say what runs; the libraries' loading bars and info messages only bury them."""
     import warnings
@@ -129,7 +171,9 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     meter = StageMeter()
-    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter)
+    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
+                          task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
+                          backend=cell.spec.backend)
     started = time.perf_counter()
     with meter.stage("transfer"):
         artifact = cell.method.cls(cell.config).transfer(ctx)

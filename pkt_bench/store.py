@@ -2,7 +2,8 @@
 
 Records are written atomically (a unique temp file in the same folder, fsync, rename), so a reader never sees
 a half-written record and a crash leaves the previous record, if any, untouched. Artifacts of a cell live in
-`<root>/artifacts/<key>/`.
+`<root>/artifacts/<key>/`; folders that methods reuse across cells (extractions, teacher generations) in
+`<root>/cache/`.
 
 Record schema (version `SCHEMA_VERSION`): key, cell (what defines it), task_version, metrics, primary_metric,
 items (per-item outcomes), costs (examples seen, optimizer steps, ...), stages (wall time and peak memory),
@@ -11,8 +12,10 @@ references (student/teacher scores on the same items), artifact, environment, cr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,12 +29,42 @@ class ResultStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.records_dir = self.root / "records"
+        self.cache_dir = self.root / "cache"
 
     def path(self, key: str) -> Path:
         return self.records_dir / f"{key}.json"
 
     def artifact_dir(self, key: str) -> Path:
         return self.root / "artifacts" / key
+
+    def partial_artifact_dir(self, key: str) -> Path:
+        """A new, empty folder unique to the caller, where a cell's artifact is built before `place_artifact`.
+
+        Folders `artifacts/<key>.<random>.partial` left behind are from runs that were killed; nothing reads
+        them, and they can be deleted when no run is going on.
+        """
+        parent = self.artifact_dir(key).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=parent, prefix=f"{key}.", suffix=".partial"))
+
+    def place_artifact(self, key: str, folder: Path) -> Path:
+        """Rename a finished artifact folder to `artifacts/<key>`, replacing an older one; return the new path.
+
+        If another process places the same cell's artifact at the same moment, one of the two stays: both were
+        built from the same cell, and the folder is never seen half-written.
+        """
+        final = self.artifact_dir(key)
+        if final.exists():
+            stale = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{key}.", suffix=".old"))
+            with contextlib.suppress(FileNotFoundError):
+                final.rename(stale / key)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            folder.rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+        return final
 
     def get(self, key: str) -> dict[str, Any] | None:
         path = self.path(key)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import tiny_model
+from helpers import qwen2_tokenizer, tiny_model
 
 @pytest.fixture(scope="session", autouse=True)
 def offline_cache(tmp_path_factory):
@@ -41,10 +41,11 @@ def tiny_models(tmp_path_factory):
     words = [f"w{i}" for i in range(60)]
     tok = build_tokenizer(words)
     other_tok = build_tokenizer([f"v{i}" for i in range(60)])
+    qwen_tok = qwen2_tokenizer()
     return {
         "llama-teacher": tiny_model("llama", 3, 64, 4, 2, 16, tok, root / "llama-teacher"),
         "llama-student": tiny_model("llama", 2, 32, 4, 2, 8, tok, root / "llama-student"),
-        "qwen2-teacher": tiny_model("qwen2", 3, 64, 4, 2, 16, tok, root / "qwen2-teacher"),
-        "qwen2-student": tiny_model("qwen2", 2, 32, 4, 2, 8, tok, root / "qwen2-student"),
+        "qwen2-teacher": tiny_model("qwen2", 3, 64, 4, 2, 16, qwen_tok, root / "qwen2-teacher"),
+        "qwen2-student": tiny_model("qwen2", 2, 32, 4, 2, 8, qwen_tok, root / "qwen2-student"),
         "llama-other-vocab": tiny_model("llama", 2, 32, 4, 2, 8, other_tok, root / "llama-other-vocab"),
     }

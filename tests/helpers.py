@@ -40,3 +40,15 @@ def tiny_model(kind: str, layers: int, hidden: int, heads: int, kv_heads: int, h
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def qwen2_tokenizer():
+    """A byte-level BPE tokenizer of the Qwen2 kind (transformers loads every qwen2 folder as Qwen2Tokenizer).
+
+    It knows "w", "Ġw" (w after a space) and the digits, so "w1 w12" is w 1 Ġw 1 2, as Qwen splits digits.
+    """
+    from transformers import Qwen2Tokenizer
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", "Ġ", "w", "Ġw", *"0123456789"])}
+    return Qwen2Tokenizer(vocab=vocab, merges=[("Ġ", "w")], bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                          unk_token="<unk>")

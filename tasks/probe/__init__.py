@@ -15,12 +15,18 @@ class Probe:
     reference = "tasks/probe/README.md"
     version = "1"
 
+    generation = {"max_new_tokens": 2, "stop": []}  # how a teacher answers a transfer prompt (distillation)
+
     def __init__(self, data_dir: str | Path | None = None, config: pico.PicoConfig = pico.DEFAULT):
         self.world = config.world
 
     def transfer_data(self, role: str) -> list[Example]:
         """All roles draw on the transfer facts (seeds are a subset of the train data, as in the Seeking paper)."""
         return [Example(fact.prompt, fact.response, fact.id) for fact in self.world.transfer]
+
+    def check(self, example: Example, completion: str) -> bool:
+        """Whether a completion of a transfer example names the right value."""
+        return completion.split()[:1] == example.response.split()[:1]
 
     def check_pair(self, pair) -> None:
         from transformers import AutoTokenizer

@@ -1,0 +1,165 @@
+"""Sensitivity extraction: time and memory against plain training passes, block search and factorization speed.
+
+    python benchmarks/extraction.py --teacher DIR --student DIR [--data PATH/gsm8k/train.jsonl] [--seeds 8]
+
+Prints one table; every figure is a ratio against a baseline measured in the same run:
+- extraction (layer-wise sensitivity over the seeds) wall time / one plain forward+backward per seed;
+- peak RSS growth / the teacher's weight bytes, for the extraction and for the plain passes (each in a fresh
+  process; growth = peak RSS minus the RSS after imports);
+- the vectorized max-sum block search / a Python loop over window offsets (the reference's search), same block;
+- the Gram-eigen factorization / a full SVD (`full_matrices=True`, as in the reference, and `False`), with the
+  approximation error relative to the optimal rank-r error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def seeds(data: Path | None, n: int):
+    from pkt_bench.api import Example
+
+    if data is None:  # no data: fixed arithmetic word problems of GSM8K length
+        return [Example(f"Question: Sam has {i} apples and buys {i + 3} more. How many apples does he have?\nAnswer:",
+                        f" Sam has {i} + {i + 3} = {2 * i + 3} apples.\n#### {2 * i + 3}", str(i)) for i in range(n)]
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:n]]
+    return [Example(f"Question: {r['question']}\nAnswer:", " " + r["answer"], str(i)) for i, r in enumerate(rows)]
+
+
+def child(mode: str, teacher: str, data: str | None, n: int, max_length: int) -> None:
+    """One measurement in this fresh process; prints a JSON line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pkt_bench.finetune import encode
+    from pkt_bench.methods.sensitivity import matrix_key, sensitivity
+
+    torch.set_num_threads(torch.get_num_threads())
+    base = _rss_mb()
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    examples = seeds(Path(data) if data else None, n)
+    started = time.perf_counter()
+    if mode == "plain":  # what training does per sample: a forward and a backward through every parameter
+        model.requires_grad_(True)
+        for example in examples:
+            ids, labels = encode(example, tokenizer, max_length)
+            model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.backward()
+            model.zero_grad(set_to_none=False)
+    else:
+        totals = [0.0] * model.config.num_hidden_layers
+        for _name, score in sensitivity(model, tokenizer, examples, max_length,
+                                        lambda n: matrix_key(n) is not None and "embed" not in n and "lm_head" not in n,
+                                        totals):
+            del score
+    wall = time.perf_counter() - started
+    print(json.dumps({"mode": mode, "wall_s": wall, "peak_growth_mb": _peak_mb() - base, "weight_mb": weight_mb}))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def naive_block(score, rows: int, cols: int) -> tuple[int, int]:
+    """The reference's search: summed-area table, then a Python loop over every window offset."""
+    prefix = torch.nn.functional.pad(score.double().cumsum(0).cumsum(1), (1, 0, 1, 0))
+    best, where = -1.0, (0, 0)
+    for a in range(score.shape[0] - rows + 1):
+        for b in range(score.shape[1] - cols + 1):
+            total = (prefix[a + rows, b + cols] - prefix[a, b + cols] - prefix[a + rows, b] + prefix[a, b]).item()
+            if total > best:
+                best, where = total, (a, b)
+    return where
+
+
+def block_and_svd(teacher: str, student: str, rank: int) -> list[tuple[str, float, float, str]]:
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from pkt_bench.methods.sensitivity import factorize, max_block
+
+    rows_out = []
+    t_cfg, s_cfg = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(next(Path(teacher).glob("*.safetensors")), "pt") as f:
+        weight = f.get_tensor(name).float()
+        up = f.get_tensor("model.layers.0.mlp.up_proj.weight").float()
+    score = weight.abs() * torch.rand_like(weight)  # a real matrix's shape with a sensitivity-like map
+    rows = cols = s_cfg.hidden_size
+    started = time.perf_counter()
+    fast = max_block(score, rows, cols)
+    fast_s = time.perf_counter() - started
+    started = time.perf_counter()
+    slow = naive_block(score, rows, cols)
+    slow_s = time.perf_counter() - started
+    rows_out.append((f"block search, q_proj {tuple(weight.shape)} -> {rows}x{cols}", fast_s, slow_s,
+                     f"{slow_s / fast_s:,.0f}x faster, same block: {fast == slow}"))
+    block = up[: s_cfg.intermediate_size, : s_cfg.hidden_size]
+    started = time.perf_counter()
+    b, a = factorize(block, rank, "paper")
+    ours = time.perf_counter() - started
+    for full in (True, False):
+        started = time.perf_counter()
+        u, s, vh = torch.linalg.svd(block, full_matrices=full)
+        svd_s = time.perf_counter() - started
+        best_err = (block - (u[:, :rank] * s[:rank]) @ vh[:rank]).norm()
+        excess = ((block - b @ a).norm() / best_err - 1).item()
+        rows_out.append((f"rank-{rank} factorization of up_proj block {tuple(block.shape)} vs full SVD "
+                         f"(full_matrices={full})", ours, svd_s,
+                         f"{svd_s / ours:.1f}x faster, error {excess:+.2e} over optimal"))
+    del t_cfg
+    return rows_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--student", required=True)
+    parser.add_argument("--data", help="GSM8K train.jsonl for the seeds (default: built-in word problems)")
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.teacher, args.data, args.seeds, args.max_length)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    runs = {}
+    for mode in ("plain", "extract"):
+        command = [sys.executable, __file__, "--child", mode, "--teacher", args.teacher, "--student", args.student,
+                   "--seeds", str(args.seeds), "--max-length", str(args.max_length)] + (
+                       ["--data", args.data] if args.data else [])
+        runs[mode] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    plain, extract = runs["plain"], runs["extract"]
+    table = Table(title=f"sensitivity extraction, teacher {Path(args.teacher).name} fp32 on CPU, {args.seeds} seeds, "
+                        f"{torch.get_num_threads()} threads")
+    for column in ("measurement", "ours", "baseline", "ratio"):
+        table.add_column(column)
+    table.add_row("wall time: extraction vs plain forward+backward per seed", f"{extract['wall_s']:.1f} s",
+                  f"{plain['wall_s']:.1f} s", f"{extract['wall_s'] / plain['wall_s']:.2f}")
+    for name, run in (("extraction", extract), ("plain forward+backward", plain)):
+        table.add_row(f"peak RSS growth / teacher weight bytes: {name}", f"{run['peak_growth_mb']:,.0f} MB",
+                      f"{run['weight_mb']:,.0f} MB", f"{run['peak_growth_mb'] / run['weight_mb']:.2f}")
+    for label, ours, baseline, note in block_and_svd(args.teacher, args.student, args.rank):
+        table.add_row(label, f"{ours:.3f} s", f"{baseline:.3f} s", note)
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
