@@ -158,6 +158,31 @@ def list_(
     out.print(table)
 
 
+Executor = Annotated[str, typer.Option(help="local (this machine) or ray (each cell a Ray task)")]
+MaxParallel = Annotated[Optional[int], typer.Option(
+    help="local: worker processes (default: one cell at a time); ray: most cells in flight")]
+
+
+@app.command()
+@user_errors
+def sweep(
+    config: Annotated[Path, typer.Argument(help="sweep YAML: methods x pairs x tasks x seeds (see sweeps/)")],
+    executor: Executor = "local",
+    max_parallel: MaxParallel = None,
+    results: Results = Path("results"),
+    plugin: Plugins = None,
+):
+    """Run a grid of cells from a YAML file; rerunning it runs only the cells without a record."""
+    _load_plugins(plugin)
+    from pkt_bench.store import ResultStore
+    from pkt_bench.sweep import Sweep, run_sweep
+
+    outcome = run_sweep(Sweep.load(config), ResultStore(results), executor=executor, max_parallel=max_parallel,
+                        plugins=tuple(str(p) for p in plugin or ()))
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 @user_errors
 def leaderboard(

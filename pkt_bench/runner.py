@@ -67,9 +67,8 @@ class CellOutcome:
     skipped: bool
 
 
-def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None) -> list[CellOutcome]:
-    console = console or Console(stderr=True, soft_wrap=True)
-    _quiet_libraries()
+def plan(spec: RunSpec) -> list[Cell]:
+    """The cells `spec` runs, one per task, after every check that can fail on user input."""
     method = METHODS.get(spec.method)
     config = method.make_config(spec.method_config)
     task_entries = [TASKS.get(name) for name in spec.tasks]
@@ -80,11 +79,19 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
     for _, task in tasks:
         if hasattr(task, "check_pair"):
             task.check_pair(pair)
+    return [Cell(method, config, spec, pair, task_name, task) for task_name, task in tasks]
 
+
+def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None) -> list[CellOutcome]:
+    console = console or Console(stderr=True, soft_wrap=True)
+    _quiet_libraries()
+    cells = plan(spec)
+    method, pair = cells[0].method, cells[0].pair
     console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(spec.tasks)}; teacher "
                   f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed {spec.seed}")
     outcomes = []
-    for task_name, task in tasks:
+    for cell in cells:
+        task_name, task = cell.task_name, cell.task
         if method.cls.fine_tunes:
             b = spec.budget
             n = min(b.examples, len(task.transfer_data("train")))
@@ -99,7 +106,7 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
                     ref = _run_cell(ref_cell, store, False, console, {})
                     references[name] = {"key": ref.key, "primary_metric": ref.record["primary_metric"],
                                         "score": ref.record["metrics"][ref.record["primary_metric"]]}
-        outcomes.append(_run_cell(Cell(method, config, spec, pair, task_name, task), store, force, console, references))
+        outcomes.append(_run_cell(cell, store, force, console, references))
     return outcomes
 
 
@@ -166,26 +173,23 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
     from transformers import set_seed
 
     set_seed(cell.spec.seed)
-    final_dir = store.artifact_dir(key)
-    workdir = final_dir.with_name(final_dir.name + ".partial")
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    meter = StageMeter()
-    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
-                          task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
-                          backend=cell.spec.backend)
-    started = time.perf_counter()
-    with meter.stage("transfer"):
-        artifact = cell.method.cls(cell.config).transfer(ctx)
-    if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
-        shutil.rmtree(final_dir, ignore_errors=True)
-        workdir.rename(final_dir)
-        artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
-    else:
+    workdir = store.partial_artifact_dir(key)  # unique to this process: concurrent runs of a cell never collide
+    try:
+        meter = StageMeter()
+        ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
+                              task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
+                              backend=cell.spec.backend)
+        started = time.perf_counter()
+        with meter.stage("transfer"):
+            artifact = cell.method.cls(cell.config).transfer(ctx)
+        with meter.stage("evaluate"):
+            result = cell.task.evaluate(make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype),
+                                        cell.spec.limit)
+        if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
+            final_dir = store.place_artifact(key, workdir)
+            artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    with meter.stage("evaluate"):
-        result = cell.task.evaluate(make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype),
-                                    cell.spec.limit)
     stages = {name: None for name in STAGES} | meter.as_dict()
     record = {
         "schema_version": SCHEMA_VERSION, "key": key, "cell": cell.describe(),

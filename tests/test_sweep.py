@@ -1,0 +1,148 @@
+"""Sweeps: config parsing with file:line errors, grid expansion, resume, and the local executor."""
+
+import json
+
+import pytest
+from helpers import cli, tree_digest
+from rich.console import Console
+
+from pkt_bench.api import UserError
+from pkt_bench.runner import plan
+from pkt_bench.store import ResultStore
+from pkt_bench.sweep import Sweep, run_sweep
+
+TINY = """\
+methods: [student, lora]
+tasks: [probe]
+seeds: [0, 1]
+budget: {examples: 8, epochs: 1}
+limit: 5
+"""
+
+
+def write(folder, text, name="sweep.yaml"):
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def quiet():
+    return Console(file=open("/dev/null", "w"))
+
+
+@pytest.fixture(scope="module")
+def swept(pico_pair, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep")
+    config = write(folder, TINY)
+    store = ResultStore(folder / "results")
+    outcome = run_sweep(Sweep.load(config), store, console=quiet())
+    return config, store, outcome
+
+
+def test_grid_runs_every_cell_references_first(swept):
+    _, store, outcome = swept
+    methods = [c.spec.method for c in outcome.cells]
+    assert sorted(methods) == ["lora", "lora", "student", "student", "teacher", "teacher"]
+    assert set(methods[:4]) == {"student", "teacher"}  # every lora cell reads the references' scores
+    assert outcome.ran == 6 and outcome.stored_before == 0 and not outcome.failed
+    records = {r["key"]: r for r in store.records()}
+    assert set(records) == {c.key for c in outcome.cells}
+    lora = [r for r in records.values() if r["method"] == "lora"]
+    assert sorted(r["seed"] for r in lora) == [0, 1]
+    assert all(set(r["references"]) == {"student", "teacher"} for r in lora)
+    assert all(r["cell"]["budget"]["examples"] == 8 and len(r["items"]) == 5 for r in lora)
+
+
+def test_cell_keys_are_the_runners(swept):
+    config, _, outcome = swept
+    for cell in outcome.cells:
+        assert [c.key for c in plan(cell.spec)] == [cell.key]  # `pkt-bench run` of that cell finds the record
+    spec = next(c.spec for c in outcome.cells if c.spec.method == "lora")
+    assert spec.budget.examples == 8 and spec.limit == 5 and spec.tasks == ["probe"]
+
+
+def test_rerun_runs_only_missing_cells(swept, tmp_path):
+    config, store, _ = swept
+    before = tree_digest(store.root)
+    again = run_sweep(Sweep.load(config), store, console=quiet())
+    assert again.ran == 0 and again.stored_before == 6
+    assert tree_digest(store.root) == before
+    more = write(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    grown = run_sweep(Sweep.load(more), store, console=quiet())
+    assert grown.stored_before == 6 and grown.ran == 3  # seed 2 of student, teacher, lora
+    assert {r["seed"] for r in store.records()} == {0, 1, 2}
+
+
+def test_grids_override_top_level_keys_and_expand_env_vars(tmp_path, monkeypatch):
+    monkeypatch.setenv("PKT_TEST_STUDENT", "pico-student")
+    sweep = Sweep.load(write(tmp_path, """\
+methods: [lora, {method: lora, method_config: {rank: 4}}]
+seeds: [0, 1, 2]
+budget: {examples: 8}
+grids:
+  - name: small
+    pairs: [{teacher: "${PKT_TEST_TEACHER:-pico-teacher}", student: "${PKT_TEST_STUDENT}"}]
+    tasks: probe
+  - name: no references
+    references: false
+    seeds: [5]
+    resources: {gpus: 1}
+"""))
+    small, bare = sweep.grids
+    assert small.pairs == [("pico-teacher", "pico-student")] and small.tasks == ["probe"]
+    assert small.methods == [("lora", {}), ("lora", {"rank": 4})] and small.base.budget.examples == 8
+    assert bare.seeds == [5] and not bare.base.references and bare.resources.gpus == 1
+    assert bare.base.budget.examples == 8  # top-level keys reach every grid
+
+
+@pytest.mark.parametrize("text, message", [
+    ("methods: [lora]\nseeds: [0]\nbugdet: {examples: 8}\n", r"sweep.yaml:3: unknown sweep key 'bugdet'"),
+    ("methods: [lora]\ngrids:\n  - tasks: [probe]\n    seed: 1\n", r"sweep.yaml:4: unknown sweep key 'seed'"),
+    ("methods: [lora]\nseeds: [0, 0]\n", r"sweep.yaml:2: 'seeds' must be a non-empty list of distinct integers"),
+    ("methods: []\n", r"sweep.yaml:1: 'methods' must be a non-empty list"),
+    ("methods: [lora]\nbudget:\n  epochs: 0\n", r"sweep.yaml:2: budget epochs must be a positive integer"),
+    ("methods: [lora]\ngrids:\n  - limit: -1\n", r"sweep.yaml:3: spec key 'limit' must be a positive integer"),
+    ("methods: [lora]\npairs:\n  - {teacher: pico-teacher}\n", r"sweep.yaml:2: 'pairs' must be a non-empty list"),
+    ("methods: [lora]\npairs: [{teacher: '${PKT_NOT_SET_ANYWHERE}', student: s}]\n",
+     r"sweep.yaml:2: environment variable PKT_NOT_SET_ANYWHERE is not set"),
+    ("methods: [lora\n", r"sweep.yaml:2: malformed YAML"),
+])
+def test_bad_configs_name_file_and_line(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        Sweep.load(write(tmp_path, text))
+
+
+def test_unregistered_methods_are_listed_together_before_anything_runs(tmp_path):
+    config = write(tmp_path, "methods: [student, laten9, lora, distil9]\ntasks: [probe]\n")
+    done = cli("sweep", str(config), "--results", str(tmp_path / "results"))
+    assert done.returncode == 2
+    assert "methods not registered: distil9, laten9; registered: " in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "results").exists()
+
+
+def test_ray_pins_the_device_so_driver_and_workers_agree(swept):
+    config, _, _ = swept
+    sweep = Sweep.load(config)
+    pinned = sweep.plan(pin_device=True)
+    assert {c.spec.device for c in pinned} == {"cpu"}
+    assert [c.key for c in pinned] == [c.key for c in sweep.plan()]  # on a CPU machine auto is cpu
+
+
+def test_a_failing_cell_is_reported_and_the_rest_go_on(swept, tmp_path, monkeypatch):
+    _, store, _ = swept
+    broken = write(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [7]"))
+    import pkt_bench.runner
+
+    real = pkt_bench.runner._run_cell
+
+    def fail_lora(cell, *args, **kwargs):
+        if cell.method.name == "lora":
+            raise RuntimeError("out of memory (simulated)")
+        return real(cell, *args, **kwargs)
+
+    monkeypatch.setattr(pkt_bench.runner, "_run_cell", fail_lora)
+    outcome = run_sweep(Sweep.load(broken), store, console=quiet())
+    assert outcome.ran == 2 and list(outcome.failed.values()) == ["RuntimeError: out of memory (simulated)"]
+    assert {r["method"] for r in store.records() if r["seed"] == 7} == {"student", "teacher"}
+    assert all(json.loads(p.read_text()) for p in store.records_dir.glob("*.json"))
+
