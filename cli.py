@@ -212,6 +212,29 @@ def leaderboard(
         print(rendered, end="" if fmt == "csv" else "\n")
 
 
+@app.command()
+@user_errors
+def plot(
+    results: Results = Path("results"),
+    out: Annotated[Path, typer.Option(help="folder for the PNG files")] = Path("plots"),
+    baseline: Annotated[Optional[str], typer.Option(help="method whose gain the cost plots show")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="only these tasks")] = None,
+    cost: Annotated[str, typer.Option(help="x axis of cost plots: wall_s or a recorded cost (teacher_forward, ...)")] = "wall_s",
+):
+    """Write PNGs: per task, methods' scores with 95% CIs; with --baseline, cost against gain over it."""
+    from pkt_bench.leaderboard import scores
+    from pkt_bench.plots import plot as write_plots
+    from pkt_bench.store import ResultStore
+
+    if not results.is_dir():
+        raise UserError(f"results folder {str(results)!r} does not exist; run `pkt-bench run` first or pass --results")
+    rows = scores(ResultStore(results).records(), task, baseline)
+    if not rows:
+        raise UserError(f"no records in {results}" + (f" for tasks {', '.join(task)}" if task else ""))
+    for path in write_plots(rows, out, cost):
+        print(path)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
