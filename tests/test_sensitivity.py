@@ -83,6 +83,12 @@ def test_factorization_is_the_best_rank_r_approximation():
         b, a = factorize(block, 5, "paper")
         assert torch.allclose(a @ a.T, torch.eye(5), atol=1e-5)  # paper split: A = V_rᵀ, all of Σ in B
         assert torch.allclose(b.norm(dim=0).double(), s[:5], rtol=1e-5)
+    decaying = torch.linalg.qr(torch.randn(60, 40))[0] @ torch.diag(0.8 ** torch.arange(40.0)) @ \
+        torch.linalg.qr(torch.randn(40, 40))[0]
+    u, s, vh = torch.linalg.svd(decaying.double(), full_matrices=False)
+    optimal = (decaying.double() - (u[:, :5] * s[:5]) @ vh[:5]).norm()
+    b, a = factorize(decaying, 5, "paper", "randomized")
+    assert (decaying.double() - b.double() @ a.double()).norm() < 1.01 * optimal  # within 1% of the optimum
     b, a = factorize(torch.zeros(6, 4), 2, "balanced")  # a block of zeros factorizes to zeros, not NaN
     assert not b.isnan().any() and not a.isnan().any() and (b @ a).abs().sum() == 0
 
