@@ -6,6 +6,7 @@ Installed as `pkt_bench.cli`; any `UserError` becomes a one-line message on stde
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ out = Console()
 
 Plugins = Annotated[Optional[list[Path]], typer.Option("--plugin", help="a .py file that registers methods/tasks")]
 Results = Annotated[Path, typer.Option("--results", envvar="PKT_BENCH_RESULTS", help="folder of result records")]
+TASK_OPTION = "--task-option num_fewshot=0"
+TaskOptions = Annotated[Optional[list[str]], typer.Option(
+    "--task-option", "-T", help="task option KEY=VALUE (num_fewshot, chat_template, n_samples, temperature, "
+                                "transfer_dir, ...; see `pkt-bench list tasks --details`); repeatable")]
+AllowCode = Annotated[bool, typer.Option("--allow-code-execution", help="let code tasks (humaneval, mbpp) run "
+                                         "model-written programs, each in its own sandboxed process")]
 
 
 def method_options() -> str:
@@ -54,12 +61,12 @@ def _load_plugins(plugins: list[Path] | None) -> None:
         load_plugin(plugin)
 
 
-def _options(pairs: list[str] | None) -> dict[str, str]:
+def _options(pairs: list[str] | None, example: str = "--option rank=8") -> dict[str, str]:
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UserError(f"method option {pair!r} is not KEY=VALUE; write e.g. --option rank=8")
+            raise UserError(f"option {pair!r} is not KEY=VALUE; write e.g. {example}")
         options[key.strip()] = value
     return options
 
@@ -80,10 +87,14 @@ def run(
     grad_accum: Annotated[Optional[int], typer.Option(help="budget: micro-batches per optimizer step")] = None,
     lr: Annotated[Optional[float], typer.Option(help="budget: peak learning rate")] = None,
     data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="generation backend: hf")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="generation backend: hf, vllm (adapters merged), vllm-lora "
+                                                         "(adapters as LoRA requests)")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
     limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N items (recorded)")] = None,
+    task_option: TaskOptions = None,
+    allow_code_execution: AllowCode = False,
+    eval_batch_size: Annotated[Optional[int], typer.Option(help="prompts per batch when evaluating (recorded)")] = None,
     references: Annotated[Optional[bool], typer.Option("--references/--no-references", help="also evaluate student and teacher as is")] = None,
     results: Results = Path("results"),
     force: Annotated[bool, typer.Option(help="rerun cells whose record exists")] = False,
@@ -94,8 +105,10 @@ def run(
     spec = RunSpec.from_yaml(config) if config else RunSpec()
     spec = spec.with_overrides(
         method=method, teacher=teacher, student=student, tasks=task, seed=seed, data_dir=data_dir, backend=backend,
-        dtype=dtype, device=device, limit=limit, references=references,
+        dtype=dtype, device=device, limit=limit, references=references, eval_batch_size=eval_batch_size,
+        allow_code_execution=allow_code_execution or None,
         method_config={**spec.method_config, **_options(option)} if option else None,
+        task_options={**spec.task_options, **_options(task_option, TASK_OPTION)} if task_option else None,
         **{"budget.examples": examples, "budget.epochs": epochs, "budget.batch_size": batch_size,
            "budget.grad_accum": grad_accum, "budget.lr": lr},
     )

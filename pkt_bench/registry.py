@@ -50,7 +50,7 @@ class Entry:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise UserError(
-                f"method {self.name!r} has no option {unknown[0]!r}; its options are: {', '.join(known) or 'none'}"
+                f"{self.name!r} has no option {unknown[0]!r}; its options are: {', '.join(known) or 'none'}"
             )
         merged = {**self.preset, **values}
         defaults = config_cls().__dict__
@@ -151,6 +151,18 @@ class Registry:
             f"unknown {self.kind} {name!r}; {hint}known {self.kind}s: {', '.join(self.names())} "
             f"(add one with --plugin FILE.py)"
         )
+
+
+def make_task(entry: Entry, data_dir: str | None, options: dict[str, Any], allow_code_execution: bool = False) -> Any:
+    """The task of `entry` with its options (defaults, the name's preset, then `options`) and, for a task that
+    runs model-written code (`executes_code`), the user's permission to run it."""
+    cls = entry.cls
+    permission = {"allow_code_execution": allow_code_execution} if getattr(cls, "executes_code", False) else {}
+    if hasattr(cls, "Config"):
+        return cls(data_dir, entry.make_config(options), **permission)
+    if options:
+        raise UserError(f"task {entry.name!r} takes no options; drop --task-option")
+    return cls(data_dir, **permission)
 
 
 def load_plugin(path: str | Path) -> None:

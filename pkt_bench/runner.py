@@ -21,9 +21,9 @@ from rich.console import Console
 
 from pkt_bench.api import Task, TransferContext, UserError
 from pkt_bench.environment import environment
-from pkt_bench.evaluate import BACKENDS, make_target
+from pkt_bench.evaluate import check_backend, make_target
 from pkt_bench.models import ModelPair
-from pkt_bench.registry import METHODS, TASKS, Entry
+from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
 from pkt_bench.stages import StageMeter
 from pkt_bench.store import ResultStore
@@ -50,6 +50,8 @@ class Cell:
             "task": self.task_name, "task_version": self.task.version, "seed": self.spec.seed,
             "data_dir": self.spec.data_dir, "backend": self.spec.backend, "limit": self.spec.limit,
             "device_type": self.pair.device.split(":")[0], "dtype": self.pair.dtype,
+            "task_options": dataclasses.asdict(self.task.config) if hasattr(self.task, "Config") else {},
+            "eval_batch_size": self.spec.eval_batch_size,
         }
         if self.method.cls.fine_tunes:
             cell["budget"] = dataclasses.asdict(self.spec.budget)
@@ -72,10 +74,10 @@ def plan(spec: RunSpec) -> list[Cell]:
     method = METHODS.get(spec.method)
     config = method.make_config(spec.method_config)
     task_entries = [TASKS.get(name) for name in spec.tasks]
-    if spec.backend not in BACKENDS:
-        raise UserError(f"unknown backend {spec.backend!r}; known backends: {', '.join(BACKENDS)}")
+    check_backend(spec.backend)
+    tasks = [(entry.name, make_task(entry, spec.data_dir, spec.task_options, spec.allow_code_execution))
+             for entry in task_entries]
     pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
-    tasks = [(entry.name, entry.cls(spec.data_dir)) for entry in task_entries]
     for _, task in tasks:
         if hasattr(task, "check_pair"):
             task.check_pair(pair)
@@ -129,7 +131,7 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{str(out)!r} exists and is not an empty folder; pick a new --out or remove it")
     pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
-    task = task_entry.cls(spec.data_dir)
+    task = make_task(task_entry, spec.data_dir, spec.task_options, spec.allow_code_execution)
     console.print(f"[bold]pkt-bench extract[/]: method [cyan]{method.name}[/] on {task_entry.name}; teacher "
                   f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype})")
     from transformers import set_seed
@@ -183,8 +185,9 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
         with meter.stage("transfer"):
             artifact = cell.method.cls(cell.config).transfer(ctx)
         with meter.stage("evaluate"):
-            result = cell.task.evaluate(make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype),
-                                        cell.spec.limit)
+            target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
+                                 cell.spec.eval_batch_size)
+            result = cell.task.evaluate(target, cell.spec.limit)
         if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
             final_dir = store.place_artifact(key, workdir)
             artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
@@ -196,6 +199,7 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
         "method": cell.method.name, "task": cell.task_name, "seed": cell.spec.seed,
         "teacher": cell.pair.teacher.name, "student": cell.pair.student.name,
         "metrics": result.metrics, "primary_metric": result.primary_metric, "items": result.items,
+        "evaluation": result.details,
         "references": references,
         "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
         "stages": stages, "wall_s": round(time.perf_counter() - started, 3),

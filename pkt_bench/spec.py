@@ -82,6 +82,9 @@ class RunSpec:
     device: str = "auto"
     limit: int | None = None
     references: bool = True
+    task_options: dict[str, Any] = field(default_factory=dict)
+    allow_code_execution: bool = False
+    eval_batch_size: int = 16
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
@@ -118,7 +121,8 @@ class RunSpec:
     def check_types(self) -> None:
         expected = {
             "method": str, "teacher": str, "student": str, "backend": str, "dtype": str, "device": str,
-            "seed": int, "method_config": dict, "tasks": list, "references": bool,
+            "seed": int, "method_config": dict, "tasks": list, "references": bool, "task_options": dict,
+            "allow_code_execution": bool, "eval_batch_size": int,
         }
         for key, kind in expected.items():
             value = getattr(self, key)
@@ -128,6 +132,8 @@ class RunSpec:
             raise SpecKeyError("tasks", f"spec key 'tasks' must be a non-empty list of task names, got {self.tasks!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit <= 0):
             raise SpecKeyError("limit", f"spec key 'limit' must be a positive integer, got {self.limit!r}")
+        if self.eval_batch_size <= 0:
+            raise SpecKeyError("eval_batch_size", f"spec key 'eval_batch_size' must be positive, got {self.eval_batch_size}")
         if self.dtype not in DTYPES:
             raise SpecKeyError("dtype", f"spec key 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 

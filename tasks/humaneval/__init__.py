@@ -1,0 +1,39 @@
+"""HumanEval: 164 hand-written Python problems, pass@k of the model's completions (see README.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pkt_bench.api import Example
+from pkt_bench.lmeval import CodeTask, normalize
+from pkt_bench.registry import register_task
+
+
+@register_task("humaneval")
+class HumanEval(CodeTask):
+    description = "HumanEval: complete the function, run its tests; pass@1 greedy (pass@k from n samples)"
+    reference = "tasks/humaneval/README.md"
+    version = "1"
+    lm_eval_task = "pkt_humaneval"
+    laten_name = "humaneval"
+    transfer_sizes = {"seed": 20, "align": 80, "train": 1000}
+
+    def item_id(self, index: int, doc: dict) -> str:
+        return doc["task_id"]
+
+    def transfer_pool(self) -> list[tuple[str, Example]]:
+        """HumanEval has no train split: MBPP's train problems (task_ids 601-974) in MBPP's prompt format."""
+        from pkt_bench.tasks.mbpp import MBPP
+
+        return MBPP(self.data_dir, allow_code_execution=True).transfer_pool()
+
+    def leaked(self, examples: Sequence[Example]) -> list[Example]:
+        """Examples holding a problem's signature line and the first line of its docstring."""
+        keys = []
+        for doc in self.docs("test"):
+            lines = [line.strip() for line in doc["prompt"].splitlines()]
+            signature = next(i for i, line in enumerate(lines) if line.startswith(f"def {doc['entry_point']}("))
+            docstring = next(line.strip("\"' ") for line in lines[signature + 1:] if line.strip("\"' "))
+            keys.append((normalize(lines[signature]), normalize(docstring)))
+        texts = [normalize(e.prompt + "\n" + e.response) for e in examples]
+        return [e for e, text in zip(examples, texts) if any(s in text and d in text for s, d in keys)]
