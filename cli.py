@@ -227,6 +227,31 @@ def leaderboard(
 
 @app.command()
 @user_errors
+def report(
+    config: Annotated[Path, typer.Argument(help="sweep YAML with a report: section (see sweeps/reproduction.yaml)")],
+    out: Annotated[Path, typer.Option(help="markdown file to write; plots go to a folder beside it")] = Path(
+        "docs/reproduction.md"),
+    executor: Executor = "local",
+    max_parallel: MaxParallel = None,
+    results: Results = Path("results"),
+    plugin: Plugins = None,
+):
+    """Run or resume a sweep, then write a markdown report: tables with CIs, plots, the papers' claims checked."""
+    _load_plugins(plugin)
+    from pkt_bench.report import report_command, write_report
+    from pkt_bench.store import ResultStore
+    from pkt_bench.sweep import Sweep
+
+    failed = write_report(Sweep.load(config), ResultStore(results), out,
+                          report_command(config, out, results, executor, max_parallel), executor=executor,
+                          max_parallel=max_parallel, plugins=tuple(str(p) for p in plugin or ()))
+    print(out)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
 def plot(
     results: Results = Path("results"),
     out: Annotated[Path, typer.Option(help="folder for the PNG files")] = Path("plots"),

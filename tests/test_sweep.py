@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from helpers import cli, tree_digest
+from helpers import REPO, cli, tree_digest
 from rich.console import Console
 
 from pkt_bench.api import UserError
+from pkt_bench.report import ReportConfig
 from pkt_bench.runner import plan
 from pkt_bench.store import ResultStore
 from pkt_bench.sweep import Sweep, run_sweep
@@ -146,3 +147,13 @@ def test_a_failing_cell_is_reported_and_the_rest_go_on(swept, tmp_path, monkeypa
     assert {r["method"] for r in store.records() if r["seed"] == 7} == {"student", "teacher"}
     assert all(json.loads(p.read_text()) for p in store.records_dir.glob("*.json"))
 
+
+def test_the_checked_in_reproduction_config_parses(monkeypatch):
+    for name in ("PKT_QWEN_TEACHER", "PKT_QWEN_STUDENT", "PKT_BENCH_DATA"):
+        monkeypatch.setenv(name, f"/models/{name}")
+    sweep = Sweep.load(REPO / "sweeps" / "reproduction.yaml")
+    methods = ["student", "teacher", "lora", "sensitivity", "laten", "distill", "pissa", "random-init"]
+    assert all([m for m, _ in g.methods] == methods and g.seeds == [0, 1, 2] for g in sweep.grids)
+    assert {p for g in sweep.grids for p in g.pairs} == {("pico-teacher", "pico-student"),
+                                                         ("/models/PKT_QWEN_TEACHER", "/models/PKT_QWEN_STUDENT")}
+    assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]

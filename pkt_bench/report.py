@@ -1,0 +1,311 @@
+"""The reproduction report: one command runs (or resumes) a sweep, then writes a markdown file with the tables
+(95% CIs, Δ against a baseline), the plots, and the papers' claims checked against the numbers.
+
+    pkt-bench report sweeps/reproduction.yaml --out docs/reproduction.md
+
+The sweep config's `report:` section names the baseline and the claims:
+
+    report:
+      title: Reproduction of parametric knowledge transfer claims
+      baseline: lora
+      claims:
+        - paper: Seeking Neural Nuggets (Zhong et al., 2023)
+          claim: parametric transfer beats LoRA fine-tuning, most on GSM8K
+          kind: beats_baseline
+          methods: [sensitivity]
+          most_on: gsm8k
+        - paper: Neural Incompatibility (Tan et al., 2025)
+          claim: the gains of parametric transfer are small and unstable
+          kind: small_and_unstable
+          methods: [sensitivity, laten]
+          small: 0.05
+
+Verdicts follow fixed rules on each (method, task) against the baseline, with Δ its mean difference on the same
+items, p the paired test's p-value (McNemar's for 0/1 metrics, else the paired bootstrap's) and α = 0.05:
+
+- `beats_baseline`: supported when Δ > 0 and p < α; not supported when Δ < 0 and p < α; else not significant.
+  With `most_on: T`, across every task of the sweep with the same pair: supported when T has the method's
+  largest Δ and T's gain is supported; not supported when another task has a larger Δ; not significant when T
+  has the largest Δ but p >= α.
+- `small_and_unstable`: a gain is *small* when Δ <= `small` (absolute, in metric units), *unstable* when the
+  per-seed gains (the method's score at seed s minus the baseline's at seed s) change sign or spread at least
+  as wide as their mean (std >= |mean|). Supported when small and (unstable or p >= α); not supported when
+  Δ > `small`, p < α and stable; not significant when Δ > `small` and p >= α; partly supported otherwise
+  (small but a stable, significant effect; or large and significant but unstable).
+
+A claim's overall verdict is the verdict every (method, task) shares, or "mixed" with the counts.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pkt_bench.api import UserError
+from pkt_bench.leaderboard import ALPHA, Score, render, scores
+from pkt_bench.store import ResultStore
+from pkt_bench.sweep import Grid, Sweep, run_sweep
+
+KINDS = ("beats_baseline", "small_and_unstable")
+
+
+@dataclass
+class Claim:
+    paper: str
+    claim: str
+    kind: str
+    methods: list[str]
+    most_on: str | None = None
+    small: float = 0.05
+
+
+@dataclass
+class Finding:
+    """One (method, task) checked against a claim."""
+
+    method: str
+    task: str
+    score: Score
+    verdict: str
+    why: str
+
+
+@dataclass
+class ReportConfig:
+    title: str
+    baseline: str
+    claims: list[Claim] = field(default_factory=list)
+
+    @classmethod
+    def from_sweep(cls, sweep: Sweep) -> ReportConfig:
+        data = dict(sweep.report)
+
+        def fail(key: str, message: str) -> UserError:
+            return UserError(f"{sweep.where(f'report.{key}')}: {message}")
+
+        known = ("title", "baseline", "claims")
+        for key in data:
+            if key not in known:
+                raise fail(key, f"unknown report key '{key}'; known keys: {', '.join(known)}")
+        title = data.get("title", "pkt-bench reproduction report")
+        baseline = data.get("baseline", "lora")
+        if not isinstance(title, str) or not isinstance(baseline, str):
+            raise fail("baseline", "report 'title' and 'baseline' must be strings")
+        for grid in sweep.grids:
+            references = ["student", "teacher"] if grid.base.references else []
+            if baseline not in [m for m, _ in grid.methods] + references:
+                raise fail("baseline", f"baseline {baseline!r} is not among the methods of {grid.name!r}; add it there")
+        claims = []
+        for i, entry in enumerate(data.get("claims") or []):
+            where = f"claims[{i}]"
+            if not isinstance(entry, dict):
+                raise fail(where, "a claim is a mapping (paper:, claim:, kind:, methods:, ...)")
+            try:
+                claim = Claim(**entry)
+            except TypeError as error:
+                raise fail(where, f"bad claim ({error}); keys: paper, claim, kind, methods, most_on, small") from None
+            if claim.kind not in KINDS:
+                raise fail(f"{where}.kind", f"claim kind must be one of {', '.join(KINDS)}, got {claim.kind!r}")
+            if not isinstance(claim.methods, list) or not claim.methods:
+                raise fail(f"{where}.methods", "a claim's 'methods' must be a non-empty list of method names")
+            swept = {m for g in sweep.grids for m, _ in g.methods}
+            absent = [m for m in claim.methods if m not in swept]
+            if absent:
+                raise fail(f"{where}.methods", f"methods {', '.join(absent)} are in no grid; add them to methods:")
+            claims.append(claim)
+        return cls(title, baseline, claims)
+
+
+def _base(label: str) -> str:
+    return label.split(" [")[0]
+
+
+def _p(score: Score) -> str:
+    return "p<0.001" if score.p_value < 0.001 else f"p={score.p_value:.3f}"
+
+
+def check(claim: Claim, rows: list[Score]) -> list[Finding]:
+    """The claim's findings on these rows (one per method variant and task with a Δ against the baseline)."""
+    baselines = {(s.pair, s.task): s for s in rows if s.method == s.baseline}
+    findings = []
+    for s in rows:
+        if _base(s.method) not in claim.methods or s.delta is None:
+            continue
+        significant = s.p_value < ALPHA
+        if claim.kind == "beats_baseline":
+            verdict = ("supported" if significant and s.delta > 0 else "not supported" if significant and s.delta < 0
+                       else "not significant")
+            why = f"Δ {s.delta:+.3f} [{s.delta_low:+.3f}, {s.delta_high:+.3f}], {_p(s)}"
+        else:
+            gains = _seed_gains(s, baselines[(s.pair, s.task)])
+            unstable = len(gains) > 1 and (min(gains) < 0 < max(gains)
+                                           or statistics.stdev(gains) >= abs(statistics.fmean(gains)))
+            small = s.delta <= claim.small
+            if small:
+                verdict = "supported" if unstable or not significant else "partly supported"
+            else:
+                verdict = ("not significant" if not significant else "partly supported" if unstable
+                           else "not supported")
+            seeds = ", ".join(f"{g:+.3f}" for g in gains)
+            why = (f"Δ {s.delta:+.3f} ({'small' if small else 'not small'}: threshold {claim.small}), {_p(s)}; "
+                   f"per-seed gains {seeds or 'n/a'} ({'unstable' if unstable else 'stable' if len(gains) > 1 else 'one seed'})")
+        findings.append(Finding(s.method, s.task, s, verdict, why))
+    return findings
+
+
+def _seed_gains(s: Score, baseline: Score) -> list[float]:
+    """The method's score at each seed minus the baseline's at that seed (its mean where it lacks the seed)."""
+    return [score - baseline.per_seed.get(seed, baseline.mean) for seed, score in sorted(s.per_seed.items())]
+
+
+def most_on(task: str, findings: list[Finding]) -> list[Finding]:
+    """Whether each method's largest gain, over the tasks its pair was evaluated on, is on `task`."""
+    by_method: dict[tuple[str, str], list[Finding]] = defaultdict(list)
+    for f in findings:
+        by_method[(f.method, f.score.pair)].append(f)
+    out = []
+    for (method, _), own in by_method.items():
+        target = next((f for f in own if f.task == task), None)
+        if target is None:
+            continue  # the pair was not evaluated on that task: nothing to say
+        top = max(own, key=lambda f: f.score.delta)
+        if top.task != task:
+            verdict, why = "not supported", f"largest Δ on {top.task} ({top.score.delta:+.3f}), not {task}"
+        else:
+            verdict = "supported" if target.verdict == "supported" else "not significant"
+            why = f"largest Δ of {len(own)} tasks is on {task} ({target.score.delta:+.3f}, {_p(target.score)})"
+        out.append(Finding(method, f"most on {task}", target.score, verdict, why))
+    return out
+
+
+def overall(findings: list[Finding]) -> str:
+    if not findings:
+        return "not run"
+    counts = Counter(f.verdict for f in findings)
+    if len(counts) == 1:
+        return findings[0].verdict
+    return "mixed: " + ", ".join(f"{n} {verdict}" for verdict, n in counts.most_common())
+
+
+def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, executor: str = "local",
+                 max_parallel: int | None = None, plugins: tuple[str, ...] = (),
+                 console: Console | None = None) -> list[str]:
+    """Run or resume the sweep, then write the report to `out` (plots beside it); return the failed cells."""
+    config = ReportConfig.from_sweep(sweep)
+    outcome = run_sweep(sweep, store, executor=executor, max_parallel=max_parallel, plugins=plugins,
+                        console=console)
+    figures = out.parent / out.stem
+    sections, summary = [], defaultdict(list)
+    for grid in sweep.grids:
+        records = [r for r in (store.get(c.key) for c in grid.cells) if r is not None]
+        if not records:
+            sections.append(f"## {grid.name}\n\nNo records: every cell of this grid failed.\n")
+            continue
+        has_baseline = any(r["method"] == config.baseline for r in records)
+        rows = scores(records, baseline=config.baseline if has_baseline else None)
+        findings = [check(claim, rows) for claim in config.claims]
+        for i, found in enumerate(findings):
+            summary[i] += found
+        devices = sorted({f"{r['cell'].get('device_type')}, {r['cell'].get('dtype')}" for r in records})
+        sections.append(_grid_section(grid, rows, findings, config, figures, out.parent, devices))
+    for i, claim in enumerate(config.claims):
+        if claim.kind == "beats_baseline" and claim.most_on:
+            summary[i] += most_on(claim.most_on, summary[i])
+    text = "\n".join([_header(config, sweep, store, outcome, command), _summary(config, summary), *sections,
+                      _method_notes()])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return list(outcome.failed)
+
+
+def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any, command: str) -> str:
+    machines = sorted({_machine(r["environment"]) for c in outcome.cells if (r := store.get(c.key)) is not None})
+    commits = sorted({r["environment"].get("git_commit") or "unknown" for c in outcome.cells
+                      if (r := store.get(c.key)) is not None})
+    failed = ""
+    if outcome.failed:
+        failed = (f"\n**Incomplete: {len(outcome.failed)} cells failed** and are missing from the tables: "
+                  + "; ".join(f"{label} ({error})" for label, error in outcome.failed.items()) + "\n")
+    return f"""# {config.title}
+
+Made by `{command}` on {datetime.now(timezone.utc).strftime('%Y-%m-%d')} from the sweep config
+`{sweep.path}`: {len(outcome.cells)} cells, {outcome.ran} run for this report and {outcome.stored_before} reused from
+`{store.root}`. Records made on: {'; '.join(machines) or 'n/a'} (pkt-bench commit {', '.join(commits)}).
+Rerunning the command runs only the cells without a record.
+{failed}"""
+
+
+def _machine(env: dict[str, Any]) -> str:
+    hw = env.get("hardware", {})
+    gpu = ", ".join(hw.get("cuda", [])) or "no GPU"
+    return f"{hw.get('cpu_count')} CPU cores, {hw.get('memory_gb')} GB RAM, {gpu}"
+
+
+def _summary(config: ReportConfig, summary: dict[int, list[Finding]]) -> str:
+    if not config.claims:
+        return ""
+    lines = ["## Claims at a glance", "", "| paper | claim | verdict |", "|---|---|---|"]
+    lines += [f"| {c.paper} | {c.claim} | **{overall(summary[i])}** |" for i, c in enumerate(config.claims)]
+    lines += ["", "Per-task evidence sits beside each table below; the rules are at the end."]
+    for i, claim in enumerate(config.claims):
+        across = [f for f in summary[i] if f.task.startswith("most on ")]
+        if across:
+            lines += ["", f"{claim.paper}, across tasks:", "", "| method | pair | claim | verdict | evidence |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {f.method} | {f.score.pair} | {f.task} | {f.verdict} | {f.why} |" for f in across]
+    return "\n".join(lines + [""])
+
+
+def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], config: ReportConfig,
+                  figures: Path, relative_to: Path, devices: list[str]) -> str:
+    from pkt_bench.plots import plot
+
+    b = grid.base.budget
+    pairs = "; ".join(f"{t} → {s}" for t, s in grid.pairs)
+    parts = [f"## {grid.name}: {pairs}", "",
+             f"Tasks {', '.join(grid.tasks)}, evaluated on {'the first ' + str(grid.base.limit) if grid.base.limit else 'all'}"
+             f" items; seeds {', '.join(map(str, grid.seeds))}; budget for methods that fine-tune: {b.examples} "
+             f"train examples × {b.epochs} epochs, batch {b.batch_size} × accum {b.grad_accum}, lr {b.lr:g}, "
+             f"max length {b.max_length}; ran on {' and '.join(devices)}.", "",
+             render(rows, "md"), ""]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", grid.name).strip("-") or "grid"
+    for path in plot(rows, figures / slug):
+        parts.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
+    parts.append("")
+    for claim, found in zip(config.claims, findings):
+        parts += [f"**{claim.paper}: \"{claim.claim}\"** on this grid: **{overall(found)}**", ""]
+        if found:
+            parts += ["| method | task | verdict | evidence |", "|---|---|---|---|"]
+            parts += [f"| {f.method} | {f.task} | {f.verdict} | {f.why} |" for f in found]
+        else:
+            parts.append(f"Not run here: none of {', '.join(claim.methods)} has a Δ against {config.baseline}.")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _method_notes() -> str:
+    doc = __doc__.split("Verdicts follow", 1)[1]
+    return ("## How the numbers and verdicts are made\n\nCells: mean ± std over seeds, with the 95% bootstrap CI "
+            "over items × seeds (`pkt_bench/stats.py`). Δ: the paired difference to the baseline on the same items,"
+            " its 95% paired-bootstrap CI, and the p-value of McNemar's test (0/1 metrics) or the paired bootstrap."
+            f"\n\nVerdicts follow{doc}")
+
+
+def report_command(config: Path, out: Path, results: Path, executor: str, max_parallel: int | None) -> str:
+    """The command line that remakes a report, as the report states it."""
+    parts = ["pkt-bench", "report", str(config), "--out", str(out)]
+    if results != Path("results"):
+        parts += ["--results", str(results)]
+    if executor != "local":
+        parts += ["--executor", executor]
+    if max_parallel:
+        parts += ["--max-parallel", str(max_parallel)]
+    return shlex.join(parts)

@@ -1,0 +1,123 @@
+"""The reproduction report: verdict rules on synthetic rows, and the one command on a tiny probe sweep."""
+
+import re
+
+import pytest
+from rich.console import Console
+
+from pkt_bench.api import UserError
+from pkt_bench.leaderboard import Score
+from pkt_bench.report import Claim, ReportConfig, check, most_on, overall, write_report
+from pkt_bench.store import ResultStore
+from pkt_bench.sweep import Sweep
+
+TINY = """\
+methods: [student, lora]
+tasks: [probe]
+seeds: [0, 1]
+budget: {examples: 8, epochs: 1}
+limit: 5
+report:
+  title: Tiny report
+  baseline: student
+  claims:
+    - paper: Made-up paper A
+      claim: LoRA beats the student
+      kind: beats_baseline
+      methods: [lora]
+      most_on: probe
+    - paper: Made-up paper B
+      claim: LoRA's gains are small and unstable
+      kind: small_and_unstable
+      methods: [lora]
+      small: 0.05
+"""
+
+
+def row(method, task, delta, p, per_seed, baseline="lora", base_per_seed=None):
+    score = Score(method, "T -> S", task, "acc", 0.5, None, len(per_seed), 100, per_seed=per_seed, baseline=baseline,
+                  delta=delta, delta_low=delta - 0.1, delta_high=delta + 0.1, p_value=p)
+    base = Score(baseline, "T -> S", task, "acc", 0.5, None, 3, 100, baseline=baseline,
+                 per_seed=base_per_seed or {0: 0.5, 1: 0.5, 2: 0.5})
+    return [score, base]
+
+
+BEATS = Claim("Seeking", "transfer beats LoRA, most on GSM8K", "beats_baseline", ["sensitivity"], most_on="gsm8k")
+SMALL = Claim("NI", "small and unstable", "small_and_unstable", ["sensitivity"], small=0.05)
+
+
+@pytest.mark.parametrize("delta, p, verdict", [(0.2, 0.01, "supported"), (-0.2, 0.01, "not supported"),
+                                               (0.2, 0.2, "not significant"), (-0.01, 0.9, "not significant")])
+def test_beats_baseline_rule(delta, p, verdict):
+    found = check(Claim("x", "y", "beats_baseline", ["sensitivity"]), row("sensitivity", "mmlu", delta, p, {0: 1}))
+    assert [f.verdict for f in found] == [verdict]
+
+
+def test_most_on_a_task():
+    rows = row("sensitivity", "gsm8k", 0.2, 0.01, {0: 1}) + row("sensitivity", "mmlu", 0.05, 0.01, {0: 1})
+    found = check(BEATS, rows)
+    assert {f.task: f.verdict for f in found} == {"gsm8k": "supported", "mmlu": "supported"}
+    assert [(f.task, f.verdict) for f in most_on("gsm8k", found)] == [("most on gsm8k", "supported")]
+    rows = row("sensitivity", "gsm8k", 0.02, 0.3, {0: 1}) + row("sensitivity", "humaneval", 0.05, 0.01, {0: 1})
+    found = check(BEATS, rows)
+    [most] = most_on("gsm8k", found)  # e.g. tasks from two grids of one pair
+    assert most.verdict == "not supported" and "largest Δ on humaneval" in most.why
+    assert most_on("mbpp", found) == []  # not evaluated: nothing to say
+    verdict = overall(found + [most])
+    assert verdict.startswith("mixed: ") and all(v in verdict for v in ("1 not significant", "1 supported",
+                                                                        "1 not supported"))
+
+
+@pytest.mark.parametrize("delta, p, seeds, verdict", [
+    (0.02, 0.01, {0: 0.6, 1: 0.4, 2: 0.56}, "supported"),        # small, per-seed gains change sign
+    (0.02, 0.30, {0: 0.52, 1: 0.52, 2: 0.52}, "supported"),      # small, stable, not significant
+    (0.03, 0.01, {0: 0.53, 1: 0.53, 2: 0.53}, "partly supported"),  # small but a stable, significant gain
+    (0.20, 0.01, {0: 0.7, 1: 0.72, 2: 0.68}, "not supported"),   # large, significant, stable
+    (0.20, 0.20, {0: 0.7, 1: 0.72, 2: 0.68}, "not significant"),
+    (0.20, 0.01, {0: 1.0, 1: 0.45, 2: 0.65}, "partly supported"),   # large and significant but unstable
+])
+def test_small_and_unstable_rule(delta, p, seeds, verdict):
+    found = check(SMALL, row("sensitivity", "gsm8k", delta, p, seeds))
+    assert [f.verdict for f in found] == [verdict]
+
+
+def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    out = tmp_path / "docs" / "reproduction.md"
+    quiet = Console(file=open("/dev/null", "w"))
+    failed = write_report(Sweep.load(config), ResultStore(tmp_path / "results"), out, "pkt-bench report tiny.yaml",
+                          console=quiet)
+    assert failed == []
+    text = out.read_text()
+    assert text.startswith("# Tiny report") and "Made by `pkt-bench report tiny.yaml`" in text
+    assert "6 cells, 6 run for this report and 0 reused" in text
+    assert "| student | pico-teacher -> pico-student | " in text and "Δ probe vs student" in text
+    assert "seeds 0, 1; budget for methods that fine-tune: 8 train examples × 1 epochs" in text
+    for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
+        assert (out.parent / image).read_bytes().startswith(b"\x89PNG")
+    assert "scores-probe.png" in text and "cost-probe.png" in text
+    verdicts = re.findall(r"\| (Made-up paper [AB]) \| [^|]+ \| \*\*([^*]+)\*\* \|", text)
+    assert [paper for paper, _ in verdicts] == ["Made-up paper A", "Made-up paper B"]
+    assert all(v in ("supported", "not supported", "not significant", "partly supported") or v.startswith("mixed")
+               for _, v in verdicts)
+    assert "| lora | probe |" in text and "| lora | pico-teacher -> pico-student | most on probe |" in text
+    again = write_report(Sweep.load(config), ResultStore(tmp_path / "results"), out, "pkt-bench report tiny.yaml",
+                         console=quiet)
+    assert again == [] and "0 run for this report and 6 reused" in out.read_text()
+
+
+def test_missing_methods_fail_with_one_list_and_write_nothing(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(TINY.replace("methods: [student, lora]", "methods: [student, lora, laten9, distil9]"))
+    out = tmp_path / "report.md"
+    with pytest.raises(UserError, match="methods not registered: distil9, laten9"):
+        write_report(Sweep.load(config), ResultStore(tmp_path / "results"), out, "x")
+    assert not out.exists() and not (tmp_path / "results").exists()
+
+
+def test_report_section_errors_name_the_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(TINY.replace("kind: small_and_unstable", "kind: smallish"))
+    with pytest.raises(UserError, match=r"bad.yaml:17: claim kind must be one of"):
+        ReportConfig.from_sweep(Sweep.load(config))
