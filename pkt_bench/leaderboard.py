@@ -1,7 +1,8 @@
 """The leaderboard: methods as rows, tasks as columns, the primary metric's mean ± std over seeds.
 
 Records that differ in anything but task, seed and pair (a method's config, the budget, the item limit, the
-backend, ...) are different variants of a method and get rows of their own, labelled with a short digest.
+backend, the task options, ...) are different variants of a method and get rows of their own, labelled with a
+short digest; when the records come from several generation backends, every row also names its backend.
 Each cell also shows the 95% bootstrap CI over items × seeds and how many seeds and items it rests on. With a
 baseline, each row gets the difference to the baseline on the same items with its paired-bootstrap CI and the
 p-value of a paired test (McNemar's for 0/1 metrics, else the paired bootstrap's), marked when p < 0.05; see
@@ -69,15 +70,17 @@ def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, ba
     """One `Score` per (method variant, pair, task); with `baseline` (a method name or row label), Δ against it."""
     by_key: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     variants: dict[str, set[str]] = defaultdict(set)
+    records = [r for r in records if not tasks or r["task"] in tasks]
+    several_backends = len({r["cell"].get("backend", "hf") for r in records}) > 1
     for record in records:
-        if tasks and record["task"] not in tasks:
-            continue
         variant = cell_key({k: v for k, v in record["cell"].items() if k not in _NOT_VARIANT})[:6]
         variants[record["method"]].add(variant)
         by_key[(record["method"], variant, f"{record['teacher']} -> {record['student']}", record["task"])].append(record)
     groups = []
     for (method, variant, pair, task), group in by_key.items():
         label = f"{method} [{variant}]" if len(variants[method]) > 1 else method
+        if several_backends:  # a column never mixes generation backends without saying so
+            label += f" ({group[0]['cell'].get('backend', 'hf')})"
         group = sorted(group, key=lambda r: r["seed"])
         metric = group[0]["primary_metric"]
         per_seed = {r["seed"]: r["metrics"][metric] for r in group}
@@ -97,7 +100,7 @@ def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, ba
         top = max(s.mean for s in column)
         for s in column:
             s.best = s.mean == top
-    return sorted(out, key=lambda s: (_FIRST.get(s.method, 2), s.method, s.pair, s.task))
+    return sorted(out, key=lambda s: (_FIRST.get(s.method.split(" ")[0], 2), s.method, s.pair, s.task))
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -127,7 +130,7 @@ def _outcomes(group: list[dict[str, Any]], metric: str) -> tuple[list[str], np.n
 
 def _compare(groups: list[_Group], baseline: str) -> None:
     """Fill each score's Δ against the baseline row of the same pair and task, on the items both evaluated."""
-    chosen = [g for g in groups if g.score.method == baseline or g.score.method.split(" [")[0] == baseline]
+    chosen = [g for g in groups if g.score.method == baseline or re.split(r" [\[(]", g.score.method)[0] == baseline]
     if not chosen:
         known = sorted({g.score.method for g in groups})
         raise UserError(f"baseline {baseline!r} has no records here; pick one of: {', '.join(known)}")

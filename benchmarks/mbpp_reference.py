@@ -1,0 +1,43 @@
+"""MBPP's reference code through the scorer on all 500 test problems (task_ids 11-510), with the wall time.
+
+    python benchmarks/mbpp_reference.py [--data-dir DIR]   (default: ../shared/data/eval)
+
+The test suite scores the first 100 (tests/test_tasks_mbpp.py); this runs them all, as `pkt-bench score` does,
+and lists every problem whose reference code fails, with the sandbox's reason. The result is recorded in
+tasks/mbpp/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from pkt_bench.registry import TASKS, make_task
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "eval"))
+    args = parser.parse_args()
+    mbpp = make_task(TASKS.get("mbpp"), args.data_dir, {}, allow_code_execution=True)
+    with tempfile.TemporaryDirectory() as folder:
+        predictions = Path(folder) / "reference.jsonl"
+        predictions.write_text("".join(json.dumps({"id": doc["task_id"], "completion": doc["code"]}) + "\n"
+                                       for doc in mbpp.docs("test")))
+        started = time.perf_counter()
+        result = mbpp.score(predictions)
+        wall = time.perf_counter() - started
+    failed = [item for item in result.items if not item["passed"]]
+    print(f"MBPP reference code: pass@1 {result.metrics['pass@1']:.4f} ({len(result.items) - len(failed)}/"
+          f"{len(result.items)} problems) in {wall:.1f} s")
+    for item in failed:
+        print(f"  task {item['id']}: {item['status']}: {item['reason']}")
+
+
+if __name__ == "__main__":
+    main()
