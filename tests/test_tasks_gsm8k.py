@@ -155,3 +155,10 @@ def test_pico_pair_runs_gsm8k_end_to_end(pico_pair, tmp_path):
         assert record["cell"]["task_options"]["num_fewshot"] == 8 and record["cell"]["eval_batch_size"] == 16
         assert record["evaluation"]["max_gen_toks_cut_to"] == 32  # pico's 64-token context holds no 512
     assert records["lora"]["costs"]["examples_seen"] == 8
+
+
+def test_distillation_hooks_check_a_completion_against_the_transfer_answer(gsm8k):
+    example = gsm8k.transfer_data("seed")[0]
+    answer = example.response.rsplit("So the answer is ", 1)[1].rstrip(".")
+    assert gsm8k.check(example, f" Steps. So the answer is {answer}.") and not gsm8k.check(example, " So 0.")
+    assert gsm8k.generation == {"max_new_tokens": 512, "stop": ["\n"]}

@@ -87,3 +87,10 @@ def test_transfer_data_never_holds_a_test_question():
     examples = [e for role in ("seed", "align", "train") for e in kept.transfer_data(role)]
     assert len(examples) == 1100 - 18  # LaTen's MMLU splits repeat 18 test questions (same choices)
     assert {e.response for e in examples} == {" A", " B", " C", " D"}
+
+
+def test_distillation_hooks_check_the_letter():
+    mmlu = task()
+    example = mmlu.transfer_data("seed")[0]
+    other = "A" if example.response.strip() != "A" else "B"
+    assert mmlu.check(example, example.response) and not mmlu.check(example, f" {other}")

@@ -29,6 +29,7 @@ class GSM8K(LmEvalTask):
     lm_eval_task = "pkt_gsm8k"
     laten_name = "gsm"
     transfer_sizes = {"seed": 20, "align": 80, "train": 1000}
+    generation = {"max_new_tokens": 512, "stop": ["\n"]}  # how a model answers a transfer prompt (distillation)
 
     def runtime_config(self) -> dict:
         shots = self.config.num_fewshot
@@ -46,6 +47,10 @@ class GSM8K(LmEvalTask):
         if assistant.startswith("Answer:"):
             return Example(f"{user}\nAnswer:", assistant.removeprefix("Answer:"))
         return super().from_laten(user, assistant)
+
+    def check(self, example: Example, completion: str) -> bool:
+        """Whether a completion of a transfer prompt reaches the example's answer (last numbers equal)."""
+        return self.utils.last_number(completion) == self.utils.last_number(example.response)
 
     def leaked(self, examples: Sequence[Example]) -> list[Example]:
         test = {normalize(doc["question"]) for doc in self.docs("test")}

@@ -34,6 +34,7 @@ class MMLU(LmEvalTask):
     lm_eval_task = "pkt_mmlu"
     laten_name = "mmlu"
     transfer_sizes = {"seed": 20, "align": 80, "train": 1000}
+    generation = {"max_new_tokens": 4, "stop": ["\n"]}  # how a model answers a transfer prompt (distillation)
 
     def dataset_options(self) -> dict:
         return {"num_fewshot": self.config.num_fewshot}
@@ -57,6 +58,10 @@ class MMLU(LmEvalTask):
     def _test_questions(self) -> set[str]:
         """Each test question with its choices, normalized."""
         return {normalize(self.utils.question(doc)) for doc in self.docs("test")}
+
+    def check(self, example: Example, completion: str) -> bool:
+        """Whether a completion of a transfer prompt names the example's letter."""
+        return choice_in(completion) == example.response.strip()
 
     def check_completion(self, completion: str) -> str | None:
         return None if choice_in(completion) else f"no answer letter A-D in completion {completion[:40]!r}"
