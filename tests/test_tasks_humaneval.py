@@ -100,3 +100,12 @@ def test_transfer_data_defaults_to_mbpp_train_and_holds_no_problem():
     if LATEN.is_dir():
         laten = task(transfer_dir=str(LATEN))
         assert [len(laten.transfer_data(r)) for r in ("seed", "align", "train")] == [20, 80, 1000]
+
+
+def test_chat_variant_completes_the_function_inside_a_python_block(tmp_path):
+    humaneval = task(chat_template="true")
+    rows = [{"id": p["task_id"], "completion": p["canonical_solution"] + "```\nDone."} for p in problems()[:3]]
+    result = humaneval.score(write_jsonl(tmp_path / "c.jsonl", rows), limit=3)
+    assert result.details["lm_eval_task"] == "pkt_humaneval_chat"
+    assert result.details["example_prompt"].endswith(f"Here is the completed function:\n```python\n{problems()[0]['prompt']}\n")
+    assert result.metrics == {"pass@1": 1.0}  # the replayed text after the closing fence is cut, as "```" stops generation

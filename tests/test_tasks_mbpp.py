@@ -69,3 +69,14 @@ def test_transfer_data_leaves_out_and_refuses_test_problems():
             laten.transfer_data(role)
     kept = task(transfer_dir=str(LATEN), drop_test_overlap="true")
     assert sum(len(kept.transfer_data(r)) for r in ("seed", "align", "train")) == 372 - 3
+
+
+def test_chat_variant_opens_a_python_block_and_runs_the_code_before_its_fence(tmp_path):
+    mbpp = task(chat_template="true")
+    test = mbpp.docs("test")[:3]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"id": d["task_id"], "completion": d["code"] + "\n```\nAll done."}) + "\n"
+                            for d in test))
+    result = mbpp.score(path, limit=3)
+    assert result.details["lm_eval_task"] == "pkt_mbpp_chat" and result.metrics == {"pass@1": 1.0}
+    assert result.details["example_prompt"].endswith("\n".join(test[0]["test_list"]) + "\n\n\n```python\n")

@@ -94,3 +94,10 @@ def test_distillation_hooks_check_the_letter():
     example = mmlu.transfer_data("seed")[0]
     other = "A" if example.response.strip() != "A" else "B"
     assert mmlu.check(example, example.response) and not mmlu.check(example, f" {other}")
+
+
+def test_chat_variant_scores_the_letter_after_the_answer_is(tmp_path):
+    mmlu = task(chat_template="true")
+    result = mmlu.score(predictions(tmp_path / "p.jsonl", mmlu.docs("test"), 0), limit=3)
+    assert result.metrics == {"acc": 1.0} and result.details["lm_eval_task"] == "pkt_mmlu_chat"
+    assert result.details["example_prompt"].endswith("\nAnswer:\n\nThe answer is:")  # user turn, assistant turn

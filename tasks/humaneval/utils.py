@@ -34,5 +34,10 @@ def execute(resps: list[list[str]], docs: list[dict]) -> list[list[dict]]:
     return lmeval.execute(resps, docs, program)
 
 
+def execute_chat(resps: list[list[str]], docs: list[dict]) -> list[list[dict]]:
+    """The chat variant: the code is what comes before the Python block's closing fence."""
+    return lmeval.execute(resps, docs, lambda doc, completion: program(doc, completion.split("```")[0]))
+
+
 def process_results(doc: dict, results: list) -> dict[str, float]:
     return lmeval.pass_at_ks(results[0])
