@@ -74,6 +74,17 @@ def _status_mb(field: str) -> float:
         return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
 
 
+def direct_block(score, rows: int, cols: int) -> tuple[int, int]:
+    """The naive search: a Python loop over every window offset, summing each window."""
+    best, where = -1.0, (0, 0)
+    for a in range(score.shape[0] - rows + 1):
+        for b in range(score.shape[1] - cols + 1):
+            total = score[a : a + rows, b : b + cols].double().sum().item()
+            if total > best:
+                best, where = total, (a, b)
+    return where
+
+
 def naive_block(score, rows: int, cols: int) -> tuple[int, int]:
     """The reference's search: summed-area table, then a Python loop over every window offset."""
     prefix = torch.nn.functional.pad(score.double().cumsum(0).cumsum(1), (1, 0, 1, 0))
@@ -104,18 +115,23 @@ def block_and_svd(teacher: str, student: str, rank: int) -> list[tuple[str, floa
 
     rows_out = []
     t_cfg, s_cfg = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
-    name = "model.layers.0.self_attn.q_proj.weight"
     with safe_open(next(Path(teacher).glob("*.safetensors")), "pt") as f:
-        weight = f.get_tensor(name).float()
-        up = f.get_tensor("model.layers.0.mlp.up_proj.weight").float()
-    score = weight.abs() * torch.rand_like(weight)  # a real matrix's shape with a sensitivity-like map
-    rows = cols = s_cfg.hidden_size
-    fast_s, fast = best_of(lambda: max_block(score, rows, cols))
-    started = time.perf_counter()
-    slow = naive_block(score, rows, cols)
-    slow_s = time.perf_counter() - started
-    rows_out.append((f"block search, q_proj {tuple(weight.shape)} -> {rows}x{cols}", fast_s, slow_s,
-                     f"{slow_s / fast_s:,.0f}x faster, same block: {fast == slow}"))
+        matrices = {name: f.get_tensor(f"model.layers.0.{name}.weight").float()
+                    for name in ("self_attn.k_proj", "self_attn.q_proj", "mlp.up_proj")}
+    kv = s_cfg.num_key_value_heads * getattr(s_cfg, "head_dim", s_cfg.hidden_size // s_cfg.num_attention_heads)
+    for name, search, (rows, cols) in (("self_attn.k_proj", direct_block, (kv, s_cfg.hidden_size)),
+                                       ("self_attn.k_proj", naive_block, (kv, s_cfg.hidden_size)),
+                                       ("self_attn.q_proj", naive_block, (s_cfg.hidden_size, s_cfg.hidden_size))):
+        weight = matrices[name]
+        score = weight.abs() * torch.rand_like(weight)  # a real matrix's shape with a sensitivity-like map
+        fast_s, fast = best_of(lambda: max_block(score, rows, cols))
+        started = time.perf_counter()
+        slow = search(score, rows, cols)
+        slow_s = time.perf_counter() - started
+        how = "summing each window" if search is direct_block else "summed-area table (the reference)"
+        rows_out.append((f"block search, {name} {tuple(weight.shape)} -> {rows}x{cols}, vs a Python loop {how}",
+                         fast_s, slow_s, f"{slow_s / fast_s:,.0f}x faster, same block: {fast == slow}"))
+    up = matrices["mlp.up_proj"]
     block = up[: s_cfg.intermediate_size, : s_cfg.hidden_size].contiguous()
     for full in (True, False):
         svd_s, (u, s, vh) = best_of(lambda: torch.linalg.svd(block, full_matrices=full))
@@ -139,6 +155,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--only", choices=("extract", "plain", "kernels"),
+                        help="run one part only (e.g. when memory does not allow both passes at once)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -148,22 +166,23 @@ def main() -> None:
     from rich.table import Table
 
     runs = {}
-    for mode in ("plain", "extract"):
+    for mode in [m for m in ("plain", "extract") if args.only in (None, m)]:
         command = [sys.executable, __file__, "--child", mode, "--teacher", args.teacher, "--student", args.student,
                    "--seeds", str(args.seeds), "--max-length", str(args.max_length)] + (
                        ["--data", args.data] if args.data else [])
         runs[mode] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    plain, extract = runs["plain"], runs["extract"]
     table = Table(title=f"sensitivity extraction, teacher {Path(args.teacher).name} fp32 on CPU, {args.seeds} seeds, "
                         f"{torch.get_num_threads()} threads")
     for column in ("measurement", "ours", "baseline", "ratio"):
         table.add_column(column)
-    table.add_row("wall time: extraction vs plain forward+backward per seed", f"{extract['wall_s']:.1f} s",
-                  f"{plain['wall_s']:.1f} s", f"{extract['wall_s'] / plain['wall_s']:.2f}")
-    for name, run in (("extraction", extract), ("plain forward+backward", plain)):
-        table.add_row(f"peak RSS during the pass / teacher weight bytes: {name}", f"{run['peak_growth_mb']:,.0f} MB",
+    if len(runs) == 2:
+        table.add_row("wall time: extraction vs plain forward+backward per seed", f"{runs['extract']['wall_s']:.1f} s",
+                      f"{runs['plain']['wall_s']:.1f} s", f"{runs['extract']['wall_s'] / runs['plain']['wall_s']:.2f}")
+    for name, run in runs.items():
+        table.add_row(f"peak RSS during the pass / teacher weight bytes: {name}{' (wall ' + format(run['wall_s'], '.0f') + ' s)' if len(runs) == 1 else ''}", f"{run['peak_growth_mb']:,.0f} MB",
                       f"{run['weight_mb']:,.0f} MB", f"{run['peak_growth_mb'] / run['weight_mb']:.2f}")
-    for label, ours, baseline, note in block_and_svd(args.teacher, args.student, args.rank):
+    for label, ours, baseline, note in block_and_svd(args.teacher, args.student, args.rank) \
+            if args.only in (None, "kernels") else ():
         table.add_row(label, f"{ours:.3f} s", f"{baseline:.3f} s", note)
     Console(width=200).print(table)
 
