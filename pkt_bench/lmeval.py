@@ -18,6 +18,7 @@ The local data folder reaches lm-eval through the TaskManager's metadata, which 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -107,8 +108,8 @@ class LmEvalTask:
         """The id of a test item in records and prediction files: its 0-based index unless the task has ids."""
         return str(index)
 
-    def transfer_pool(self) -> list[tuple[str, Example]]:
-        """(id, example) of every document the fixed transfer sample may draw from (the train split)."""
+    def transfer_pool(self) -> list[Example]:
+        """An example (with its id) of every document the fixed transfer sample may draw from (the train split)."""
         raise NotImplementedError
 
     def from_laten(self, user: str, assistant: str) -> Example:
@@ -160,8 +161,8 @@ class LmEvalTask:
         """Disjoint role samples from the train split, fixed (seed 0) so that every run sees the same ones;
         train documents that repeat a test item are left out first."""
         pool = self.transfer_pool()
-        leaked = set(map(id, self.leaked([example for _, example in pool])))
-        kept = [Example(e.prompt, e.response, ident) for ident, e in pool if id(e) not in leaked]
+        leaked = set(self.leaked(pool))
+        kept = [example for example in pool if example not in leaked]
         random.Random(0).shuffle(kept)
         roles, start = {}, 0
         for role in ROLES:
@@ -171,18 +172,15 @@ class LmEvalTask:
 
     def _from_transfer_dir(self, role: str) -> list[Example]:
         pairs = taskdata.laten_pairs(self.config.transfer_dir, self.laten_name, role)
-        examples = []
-        for ident, user, assistant in pairs:
-            example = self.from_laten(user, assistant)
-            examples.append(Example(example.prompt, example.response, ident))
+        examples = [dataclasses.replace(self.from_laten(user, assistant), id=ident) for ident, user, assistant in pairs]
         leaked = self.leaked(examples)
         if leaked and not self.config.drop_test_overlap:
             raise UserError(
                 f"{len(leaked)} {role} example(s) in {self.config.transfer_dir}/{self.laten_name} hold a test item "
                 f"of this task, first {leaked[0].id!r}: {leaked[0].prompt[:60]!r}...; remove them or pass "
                 f"-T drop_test_overlap=true to leave them out")
-        drop = set(map(id, leaked))
-        return [example for example in examples if id(example) not in drop]
+        dropped = set(leaked)
+        return [example for example in examples if example not in dropped]
 
     def evaluate(self, target: EvalTarget, limit: int | None) -> EvalResult:
         _quiet_lm_eval()

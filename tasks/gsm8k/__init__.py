@@ -35,10 +35,10 @@ class GSM8K(LmEvalTask):
         shots = self.config.num_fewshot
         return {"num_fewshot": shots, **({} if shots else {"description": self.utils.ZERO_SHOT})}
 
-    def transfer_pool(self) -> list[tuple[str, Example]]:
+    def transfer_pool(self) -> list[Example]:
         """Train problems as zero-shot prompts answered in the exemplars' chain-of-thought style."""
         utils = self.utils
-        return [(f"train:{i}", Example(utils.ZERO_SHOT + utils.question(doc), " " + utils.chain_of_thought(doc["answer"])))
+        return [Example(utils.ZERO_SHOT + utils.question(doc), " " + utils.chain_of_thought(doc["answer"]), f"train:{i}")
                 for i, doc in enumerate(self.docs("train"))]
 
     def from_laten(self, user: str, assistant: str) -> Example:

@@ -21,7 +21,7 @@ class HumanEval(CodeTask):
     def item_id(self, index: int, doc: dict) -> str:
         return doc["task_id"]
 
-    def transfer_pool(self) -> list[tuple[str, Example]]:
+    def transfer_pool(self) -> list[Example]:
         """HumanEval has no train split: MBPP's train problems (task_ids 601-974) in MBPP's prompt format."""
         from pkt_bench.tasks.mbpp import MBPP
 

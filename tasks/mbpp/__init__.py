@@ -20,9 +20,9 @@ class MBPP(CodeTask):
     def item_id(self, index: int, doc: dict) -> str:
         return str(doc["task_id"])
 
-    def transfer_pool(self) -> list[tuple[str, Example]]:
+    def transfer_pool(self) -> list[Example]:
         """Train problems (task_ids 601-974) as zero-shot prompts answered with the reference code."""
-        return [(f"mbpp:{doc['task_id']}", Example(self.utils.prompt(doc), f"{doc['code']}\n[DONE]"))
+        return [Example(self.utils.prompt(doc), f"{doc['code']}\n[DONE]", f"mbpp:{doc['task_id']}")
                 for doc in self.docs("train")]
 
     def leaked(self, examples: Sequence[Example]) -> list[Example]:

@@ -39,10 +39,10 @@ class MMLU(LmEvalTask):
     def dataset_options(self) -> dict:
         return {"num_fewshot": self.config.num_fewshot}
 
-    def transfer_pool(self) -> list[tuple[str, Example]]:
+    def transfer_pool(self) -> list[Example]:
         """Dev and validation questions as zero-shot prompts answered with the gold letter."""
         utils = self.utils
-        return [(f"{split}:{i}", Example(utils.prompt(doc, []), " " + utils.LETTERS[doc["answer"]]))
+        return [Example(utils.prompt(doc, []), " " + utils.LETTERS[doc["answer"]], f"{split}:{i}")
                 for split in ("dev", "validation") for i, doc in enumerate(self.docs(split))]
 
     def from_laten(self, user: str, assistant: str) -> Example:
