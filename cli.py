@@ -132,6 +132,7 @@ def extract(
     data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
+    task_option: TaskOptions = None,
     plugin: Plugins = None,
 ):
     """Run only a method's extraction stage (what it takes from the teacher) and write its files to --out."""
@@ -139,6 +140,7 @@ def extract(
     spec = RunSpec().with_overrides(
         method=method, teacher=teacher, student=student, tasks=[task] if task else None, seed=seed,
         data_dir=data_dir, dtype=dtype, device=device, method_config=_options(option) if option else None,
+        task_options=_options(task_option, TASK_OPTION) if task_option else None,
         **{"budget.max_length": max_length},
     )
     from pkt_bench.runner import extract as run_extract
@@ -194,6 +196,28 @@ def sweep(
                         plugins=tuple(str(p) for p in plugin or ()))
     if outcome.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def score(
+    task: Annotated[str, typer.Option("--task", "-t", help="the task whose scorer to use")],
+    predictions: Annotated[Path, typer.Option(help="JSONL file, one {\"id\": ..., \"completion\": ...} per line")],
+    data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,
+    task_option: TaskOptions = None,
+    allow_code_execution: AllowCode = False,
+    limit: Annotated[Optional[int], typer.Option(help="score only the first N items (the file must cover them)")] = None,
+    plugin: Plugins = None,
+):
+    """Score completions produced elsewhere with a task's scorer; print its metrics and per-item results as JSON."""
+    _load_plugins(plugin)
+    from pkt_bench.evaluate import score_predictions
+
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be a positive integer, got {limit}")
+    scored = score_predictions(task, predictions, data_dir, _options(task_option, TASK_OPTION), allow_code_execution,
+                               limit)
+    print(json.dumps(scored, indent=1))
 
 
 @app.command()
