@@ -103,11 +103,12 @@ def test_distill_filter_needs_a_task_with_gold_answers(tiny_models, tmp_path):
 def test_every_method_spends_the_same_budget_and_the_leaderboard_shows_them_all(pico_pair, tmp_path):
     methods = ("lora", "pissa", "sensitivity", "teacher-random", "random-init", "distill")
     budget = ("--examples", "16", "--epochs", "1", "--limit", "10")
-    for method in methods:
+    for method in (*methods, "laten"):
         done = cli("run", "--method", method, *budget, "--results", str(tmp_path))
         assert done.returncode == 0, done.stderr
     records = {r["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json"))}
-    assert set(records) == {"student", "teacher", *methods}
+    assert set(records) == {"student", "teacher", "laten", *methods}
+    assert records["laten"]["costs"]["optimizer_steps"] == 0  # laten does not fine-tune: no budget to match
     steps = {m: (records[m]["costs"]["optimizer_steps"], records[m]["costs"]["examples_seen"]) for m in methods}
     assert set(steps.values()) == {(Budget(examples=16, epochs=1).optimizer_steps(16), 16)}, steps
     assert records["sensitivity"]["costs"]["teacher_backward"] == 32 and "teacher_backward" not in records["lora"]["costs"]
@@ -115,5 +116,5 @@ def test_every_method_spends_the_same_budget_and_the_leaderboard_shows_them_all(
     board = cli("leaderboard", "--results", str(tmp_path), "--format", "csv", "--cost")
     assert board.returncode == 0, board.stderr
     header, *rows = board.stdout.splitlines()
-    assert {row.split(",")[0] for row in rows} >= {"student", "teacher", *methods}
+    assert {row.split(",")[0] for row in rows} >= {"student", "teacher", "laten", *methods}
     assert "optimizer_steps" in header and "teacher_forward" in header and "wall_s" in header
