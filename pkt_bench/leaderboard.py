@@ -1,13 +1,14 @@
 """The leaderboard: methods as rows, tasks as columns, the primary metric's mean ± std over seeds.
 
 Records that differ in anything but task, seed and pair (a method's config, the budget, the item limit, the
-backend, the task options, ...) are different variants of a method and get rows of their own, labelled with a
-short digest; when the records come from several generation backends, every row also names its backend.
+backend, ...) are different variants of a method and get rows of their own, labelled with a short digest; when
+the records come from several generation backends, every row also names its backend. A task run with different
+options or versions (0-shot and 8-shot, say) gets columns of its own, labelled the same way: task options belong
+to the task, so one method's row spans tasks with different option sets.
 Each cell also shows the 95% bootstrap CI over items × seeds and how many seeds and items it rests on. With a
 baseline, each row gets the difference to the baseline on the same items with its paired-bootstrap CI and the
 p-value of a paired test (McNemar's for 0/1 metrics, else the paired bootstrap's), marked when p < 0.05; see
-`pkt_bench.stats`. Records whose items
-carry no per-item values still show mean ± std, without CIs. Every format prints the same numbers; `table`,
+`pkt_bench.stats`. Records whose items carry no per-item values still show mean ± std, without CIs. Every format prints the same numbers; `table`,
 `md` and `latex` round them for reading.
 """
 
@@ -30,7 +31,8 @@ from pkt_bench.spec import cell_key
 
 FORMATS = ("table", "md", "csv", "json", "latex")
 ALPHA = 0.05
-_NOT_VARIANT = ("task", "task_version", "seed", "teacher", "student")
+_NOT_VARIANT = ("task", "task_version", "task_options", "seed", "teacher", "student")
+_TASK_VARIANT = ("task_version", "task_options")  # these name the task's column, not a variant of the method
 _FIRST = {"student": 0, "teacher": 1}
 
 
@@ -68,17 +70,22 @@ class _Group:
 
 def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, baseline: str | None = None) -> list[Score]:
     """One `Score` per (method variant, pair, task); with `baseline` (a method name or row label), Δ against it."""
-    by_key: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    by_key: dict[tuple[str, str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     variants: dict[str, set[str]] = defaultdict(set)
+    task_variants: dict[str, set[str]] = defaultdict(set)
     records = [r for r in records if not tasks or r["task"] in tasks]
     several_backends = len({r["cell"].get("backend", "hf") for r in records}) > 1
     for record in records:
         variant = cell_key({k: v for k, v in record["cell"].items() if k not in _NOT_VARIANT})[:6]
         variants[record["method"]].add(variant)
-        by_key[(record["method"], variant, f"{record['teacher']} -> {record['student']}", record["task"])].append(record)
+        task_variant = cell_key({k: record["cell"].get(k) for k in _TASK_VARIANT})[:6]
+        task_variants[record["task"]].add(task_variant)
+        pair = f"{record['teacher']} -> {record['student']}"
+        by_key[(record["method"], variant, pair, record["task"], task_variant)].append(record)
     groups = []
-    for (method, variant, pair, task), group in by_key.items():
+    for (method, variant, pair, task, task_variant), group in by_key.items():
         label = f"{method} [{variant}]" if len(variants[method]) > 1 else method
+        task = f"{task} [{task_variant}]" if len(task_variants[task]) > 1 else task
         if several_backends:  # a column never mixes generation backends without saying so
             label += f" ({group[0]['cell'].get('backend', 'hf')})"
         group = sorted(group, key=lambda r: r["seed"])

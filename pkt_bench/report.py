@@ -125,6 +125,7 @@ class ReportConfig:
 
 
 def _base(label: str) -> str:
+    """A method or task name without the digest that tells its variants apart."""
     return label.split(" [")[0]
 
 
@@ -173,11 +174,11 @@ def most_on(task: str, findings: list[Finding]) -> list[Finding]:
         by_method[(f.method, f.score.pair)].append(f)
     out = []
     for (method, _), own in by_method.items():
-        target = next((f for f in own if f.task == task), None)
+        target = next((f for f in own if _base(f.task) == task), None)
         if target is None:
             continue  # the pair was not evaluated on that task: nothing to say
         top = max(own, key=lambda f: f.score.delta)
-        if top.task != task:
+        if top is not target:
             verdict, why = "not supported", f"largest Δ on {top.task} ({top.score.delta:+.3f}), not {task}"
         else:
             verdict = "supported" if target.verdict == "supported" else "not significant"

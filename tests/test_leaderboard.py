@@ -109,3 +109,19 @@ def test_latex_export_escapes_and_bolds_the_best():
     assert latex.startswith("% mean ± std") and "\\begin{tabular}{llrr}" in latex
     assert "random\\_init" in latex and "T $\\rightarrow$ S" in latex and "\\textbf{0." in latex
     assert "$\\Delta$ probe vs lora" in latex and latex.rstrip().endswith("\\end{tabular}")
+
+
+def test_task_options_split_columns_not_method_rows():
+    def with_options(method, task, value, options):
+        record = rec(method, task, 0, value)
+        record["cell"] = {**record["cell"], "task_options": options, "task_version": "1"}
+        return record
+
+    rows = scores([with_options("lora", "gsm8k", 0.2, {"num_fewshot": 8}),
+                   with_options("lora", "humaneval", 0.3, {"n_samples": 1})])
+    assert [(s.method, s.task) for s in rows] == [("lora", "gsm8k"), ("lora", "humaneval")]  # one row
+    rows = scores([with_options("lora", "gsm8k", 0.2, {"num_fewshot": 8}),
+                   with_options("lora", "gsm8k", 0.1, {"num_fewshot": 0})])
+    assert len(rows) == 2 and {s.method for s in rows} == {"lora"}
+    assert len({s.task for s in rows}) == 2 and all(s.task.startswith("gsm8k [") for s in rows)
+    assert all(s.seeds == 1 for s in rows)  # 0-shot and 8-shot never pool as seeds of one cell
