@@ -332,6 +332,23 @@ def execute(resps: list[list[str]], docs: list[dict[str, Any]], program) -> list
              for r in (next(results) for _ in completions)] for completions in resps]
 
 
+def code_hooks(program):
+    """The lm-eval hooks of a code task whose check program `program(doc, completion)` builds: the filter that
+    runs completions (`execute`), its chat variant (the code is what comes before the Python block's closing
+    fence) and `process_results` (pass@k of one problem)."""
+
+    def execute_plain(resps: list[list[str]], docs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        return execute(resps, docs, program)
+
+    def execute_chat(resps: list[list[str]], docs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        return execute(resps, docs, lambda doc, completion: program(doc, completion.split("```")[0]))
+
+    def process_results(doc: dict[str, Any], results: list) -> dict[str, float]:
+        return pass_at_ks(results[0])
+
+    return execute_plain, execute_chat, process_results
+
+
 def _fit_generation(task, lm) -> int | None:
     """Cut the new-token budget to half the model's context when the protocol's does not fit (tiny models);
     returns the new budget, or None when the protocol's is kept."""

@@ -30,14 +30,4 @@ def program(doc: dict, completion: str) -> str:
     return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
 
 
-def execute(resps: list[list[str]], docs: list[dict]) -> list[list[dict]]:
-    return lmeval.execute(resps, docs, program)
-
-
-def execute_chat(resps: list[list[str]], docs: list[dict]) -> list[list[dict]]:
-    """The chat variant: the code is what comes before the Python block's closing fence."""
-    return lmeval.execute(resps, docs, lambda doc, completion: program(doc, completion.split("```")[0]))
-
-
-def process_results(doc: dict, results: list) -> dict[str, float]:
-    return lmeval.pass_at_ks(results[0])
+execute, execute_chat, process_results = lmeval.code_hooks(program)  # named in the task YAMLs

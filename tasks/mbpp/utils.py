@@ -40,14 +40,4 @@ def program(doc: dict, completion: str) -> str:
     return f"{completion}\n\n{doc['test_setup_code']}\n" + "\n".join(doc["test_list"]) + "\n"
 
 
-def execute(resps: list[list[str]], docs: list[dict]) -> list[list[dict]]:
-    return lmeval.execute(resps, docs, program)
-
-
-def execute_chat(resps: list[list[str]], docs: list[dict]) -> list[list[dict]]:
-    """The chat variant: the code is what comes before the Python block's closing fence."""
-    return lmeval.execute(resps, docs, lambda doc, completion: program(doc, completion.split("```")[0]))
-
-
-def process_results(doc: dict, results: list) -> dict[str, float]:
-    return lmeval.pass_at_ks(results[0])
+execute, execute_chat, process_results = lmeval.code_hooks(program)  # named in the task YAMLs
