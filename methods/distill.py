@@ -38,6 +38,9 @@ class Distill:
     def __init__(self, config: DistillConfig):
         self.config = config
 
+    def check(self, pair) -> None:
+        LoRA(self.config).check(pair)
+
     def transfer(self, ctx: TransferContext) -> Artifact:
         c = self.config
         if c.filter_correct and not hasattr(ctx.task, "check"):

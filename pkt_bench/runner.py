@@ -22,7 +22,7 @@ from rich.console import Console
 from pkt_bench.api import Task, TransferContext, UserError
 from pkt_bench.environment import environment
 from pkt_bench.evaluate import check_backend, make_target
-from pkt_bench.models import ModelPair
+from pkt_bench.models import ModelPair, context_length
 from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
 from pkt_bench.stages import StageMeter
@@ -78,16 +78,35 @@ def plan(spec: RunSpec) -> list[Cell]:
     tasks = [(entry.name, make_task(entry, spec.data_dir, spec.task_options, spec.allow_code_execution))
              for entry in task_entries]
     pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
-    for _, task in tasks:
+    if hasattr(method.cls, "check"):  # a method's own option checks against the pair (LoRA: rank, modules)
+        method.cls(config).check(pair)
+    context = min(filter(None, (context_length(pair.teacher), context_length(pair.student))), default=None)
+    for task_name, task in tasks:
         if hasattr(task, "check_pair"):
             task.check_pair(pair)
+        needed = getattr(task, "generation", {}).get("max_new_tokens")
+        if context and needed and needed >= context and not spec.fit_context:
+            raise UserError(f"task {task_name!r} generates up to {needed} tokens, but the pair's context holds "
+                            f"{context}; pick a pair with a longer context, or pass --fit-context to cut generation "
+                            f"to half the context (recorded)")
     return [Cell(method, config, spec, pair, task_name, task) for task_name, task in tasks]
+
+
+def check_records(cells: list[Cell], store: ResultStore, force: bool) -> None:
+    """Every stored record this run would read is readable (else one line naming the file), before any cell."""
+    for cell in cells:
+        ref_cells = [Cell(METHODS.get(n), METHODS.get(n).make_config({}), cell.spec, cell.pair, cell.task_name,
+                          cell.task) for n in REFERENCE_METHODS if cell.spec.references and n != cell.method.name]
+        store.get(cell.key, unreadable_ok=force)
+        for ref in ref_cells:
+            store.get(ref.key, unreadable_ok=force)
 
 
 def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None) -> list[CellOutcome]:
     console = console or Console(stderr=True, soft_wrap=True)
     _quiet_libraries()
     cells = plan(spec)
+    check_records(cells, store, force)
     method, pair = cells[0].method, cells[0].pair
     console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(spec.tasks)}; teacher "
                   f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed {spec.seed}")
@@ -105,7 +124,7 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
                 if name != method.name:
                     entry = METHODS.get(name)
                     ref_cell = Cell(entry, entry.make_config({}), spec, pair, task_name, task)
-                    ref = _run_cell(ref_cell, store, False, console, {})
+                    ref = _run_cell(ref_cell, store, False, console, {}, overwrite_unreadable=force)
                     references[name] = {"key": ref.key, "primary_metric": ref.record["primary_metric"],
                                         "score": ref.record["metrics"][ref.record["primary_metric"]]}
         outcomes.append(_run_cell(cell, store, force, console, references))
@@ -164,10 +183,10 @@ def _quiet_libraries() -> None:
 
 
 def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
-              references: dict[str, Any]) -> CellOutcome:
+              references: dict[str, Any], overwrite_unreadable: bool = False) -> CellOutcome:
     key = cell.key
     label = f"{cell.method.name} on {cell.task_name} (seed {cell.spec.seed})"
-    existing = store.get(key)
+    existing = None if force else store.get(key, unreadable_ok=overwrite_unreadable)
     if existing is not None and not force:
         console.print(f"  {label}: record exists, skipped ({store.path(key)}); --force reruns it")
         return CellOutcome(key, existing, skipped=True)

@@ -85,6 +85,7 @@ class RunSpec:
     task_options: dict[str, Any] = field(default_factory=dict)
     allow_code_execution: bool = False
     eval_batch_size: int = 16
+    fit_context: bool = False  # let a generation task run on a pair whose context cannot hold its protocol
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
@@ -122,7 +123,7 @@ class RunSpec:
         expected = {
             "method": str, "teacher": str, "student": str, "backend": str, "dtype": str, "device": str,
             "seed": int, "method_config": dict, "tasks": list, "references": bool, "task_options": dict,
-            "allow_code_execution": bool, "eval_batch_size": int,
+            "allow_code_execution": bool, "eval_batch_size": int, "fit_context": bool,
         }
         for key, kind in expected.items():
             value = getattr(self, key)
