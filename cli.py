@@ -263,8 +263,8 @@ def score(
 
 BASELINE_HELP = ("row to compare against on the same items (Δ, CI, p): a method name (its only variant, else the one "
                  "with default options) or a row label as shown, e.g. 'lora (rank=4)'")
-AllowUnequal = Annotated[bool, typer.Option("--allow-unequal", help="allow a Δ between rows trained on different "
-                                                                    "budgets, marked †")]
+AllowUnequal = Annotated[bool, typer.Option("--allow-unequal", help="show Δ also for rows trained on another "
+                                                                    "budget than the baseline, marked †")]
 
 
 def _rows(results: Path, task: list[str] | None, baseline: str | None, allow_unequal: bool) -> list:

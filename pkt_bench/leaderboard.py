@@ -10,8 +10,8 @@ way: task options belong to the task, so one method's row spans tasks with diffe
 Each cell also shows the 95% bootstrap CI over items × seeds and how many seeds and items it rests on. With a
 baseline, each row gets the difference to the baseline on the same items with its paired-bootstrap CI and the
 p-value of a paired test (McNemar's for 0/1 metrics, else the paired bootstrap's), marked when p < 0.05; see
-`pkt_bench.stats`. A Δ between rows trained on different budgets is refused unless `allow_unequal`, and then
-marked †. Records whose items carry no per-item values still show mean ± std, without CIs. Every format prints
+`pkt_bench.stats`. A row trained on another budget than the baseline gets no Δ but says so, unless
+`allow_unequal`, which shows that Δ marked †. Records whose items carry no per-item values still show mean ± std, without CIs. Every format prints
 the same numbers; `table`, `md` and `latex` round them for reading, and the Rich table fits 80 columns (costs go
 to a table of their own).
 """
@@ -42,6 +42,7 @@ _TASK_VARIANT = ("task_version", "task_options")  # these name the task's column
 _OWN = ("method", "method_config", "budget")  # labelled by their own rules; every other cell key only when it varies
 _FIRST = {"student": 0, "teacher": 1}
 UNEQUAL = "†"
+OTHER_BUDGET = "other budget"
 
 
 @dataclass
@@ -225,7 +226,6 @@ def _outcomes(group: list[dict[str, Any]], metric: str) -> tuple[list[str], np.n
 def _compare(groups: list[_Group], baseline: str, allow_unequal: bool) -> None:
     """Fill each score's Δ against the baseline row of the same pair and task, on the items both evaluated."""
     by_cell = {(g.score.pair, g.score.task): g for g in groups if g.score.method == baseline}
-    unequal = []
     for g in groups:
         base = by_cell.get((g.score.pair, g.score.task))
         g.score.baseline = base.score.method if base else None
@@ -233,7 +233,8 @@ def _compare(groups: list[_Group], baseline: str, allow_unequal: bool) -> None:
             continue
         if g.score.budget and base.score.budget and g.score.budget != base.score.budget:
             g.score.unequal_budget = True
-            unequal.append(g.score.method)
+            if not allow_unequal:
+                continue  # no Δ across budgets unless asked for; the row says why it has none
         ids, x = g.outcomes
         base_ids, y = base.outcomes
         position = {item: j for j, item in enumerate(base_ids)}
@@ -249,10 +250,6 @@ def _compare(groups: list[_Group], baseline: str, allow_unequal: bool) -> None:
         else:
             s.p_value, s.test = paired.p_value, "bootstrap"
         s.significant = s.p_value < ALPHA
-    if unequal and not allow_unequal:
-        raise UserError(f"Δ vs {baseline!r} would compare rows trained on different budgets "
-                        f"({'; '.join(sorted(set(unequal)))}); rerun them at one budget, or pass --allow-unequal to "
-                        f"show that Δ marked {UNEQUAL}")
 
 
 def legend(baseline: str | None) -> str:
@@ -280,8 +277,11 @@ def notes(rows: list[Score]) -> list[str]:
         out.append(f"pair (teacher -> student): {pairs[0]}")
     elif any(short[p] != p for p in pairs):
         out.append("pairs: " + "; ".join(f"{short[p]} = {p}" for p in pairs))
-    if any(s.unequal_budget for s in rows):
+    if any(s.unequal_budget and s.delta is not None for s in rows):
         out.append(f"{UNEQUAL}: Δ against a baseline trained on a different budget (--allow-unequal)")
+    if any(s.unequal_budget and s.delta is None for s in rows):
+        out.append(f"{OTHER_BUDGET}: trained on another budget than the baseline, so no Δ; --allow-unequal shows it "
+                   f"marked {UNEQUAL}")
     return out
 
 
@@ -324,7 +324,7 @@ def delta_text(score: Score, two_lines: bool = False) -> str:
     if score.baseline is not None and score.method == score.baseline:
         return "baseline"
     if score.delta is None:
-        return ""
+        return OTHER_BUDGET if score.unequal_budget else ""
     p = "p<0.001" if score.p_value < 0.001 else f"p={score.p_value:.3f}"
     marks = (" *" if score.significant else "") + (f" {UNEQUAL}" if score.unequal_budget else "")
     ci = f"[{score.delta_low:+.3f}, {score.delta_high:+.3f}]"

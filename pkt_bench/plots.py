@@ -25,7 +25,7 @@ def _pyplot() -> Any:
 
 def _labels(rows: list[Score]) -> list[str]:
     """Row labels, with the pair's short name (as the leaderboard prints it) where a task holds several pairs."""
-    short = short_pairs({s.pair for s in rows})
+    short = short_pairs({s.pair for s in rows}, width=80)  # a figure has room for names, and no legend of P1, P2
     return [f"{s.method} ({short[s.pair]})" if len(short) > 1 else s.method for s in rows]
 
 

@@ -163,10 +163,12 @@ def test_labels_name_exactly_the_options_and_budget_fields_that_differ():
 
 def test_a_delta_across_budgets_is_refused_or_flagged():
     records = [full("lora", SMALL, p_right=0.3), full("sensitivity", LARGE, p_right=0.8), full("student")]
-    with pytest.raises(UserError, match=r"different budgets \(sensitivity \(60×3\)\).*--allow-unequal"):
-        scores(records, baseline="lora")
+    rows = {s.name: s for s in scores(records, baseline="lora")}
+    assert rows["sensitivity"].unequal_budget and rows["sensitivity"].delta is None  # refused, and says why
+    assert delta_text(rows["sensitivity"]) == "other budget"
+    assert "other budget: trained on another budget than the baseline, so no Δ" in render(list(rows.values()), "md")
     rows = {s.name: s for s in scores(records, baseline="lora", allow_unequal=True)}
-    assert rows["sensitivity"].unequal_budget and "†" in delta_text(rows["sensitivity"])
+    assert rows["sensitivity"].delta > 0 and "†" in delta_text(rows["sensitivity"])
     assert not rows["student"].unequal_budget and rows["student"].delta is not None  # no budget: nothing to match
     assert "†: Δ against a baseline trained on a different budget" in render(list(rows.values()), "md")
 
