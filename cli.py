@@ -134,6 +134,9 @@ def run(
     task_option: TaskOptions = None,
     allow_code_execution: AllowCode = False,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="prompts per batch when evaluating (recorded)")] = None,
+    vllm_arg: Annotated[Optional[list[str]], typer.Option(
+        "--vllm-arg", help="vLLM engine setting KEY=VALUE, as lm-eval's --model_args (gpu_memory_utilization, "
+                           "tensor_parallel_size, max_model_len, ...); repeatable; recorded")] = None,
     fit_context: Annotated[bool, typer.Option("--fit-context", help="run a generation task on a pair whose context "
                                               "cannot hold its protocol, generating at most half the context")] = False,
     references: Annotated[Optional[bool], typer.Option("--references/--no-references", help="also evaluate student and teacher as is")] = None,
@@ -142,12 +145,16 @@ def run(
     plugin: Plugins = None,
 ):
     """Run one method end to end on each task and store one record per cell. With no flags: the offline probe."""
+    from pkt_bench.evaluate import engine_args
+
     _load_plugins(plugin)
     spec = RunSpec.from_yaml(config) if config else RunSpec()
     spec = _flag_errors(
         spec, method=method, teacher=teacher, student=student, tasks=_names(task), seed=seed, data_dir=data_dir, backend=backend,
         dtype=dtype, device=device, limit=limit, references=references, eval_batch_size=eval_batch_size,
         allow_code_execution=allow_code_execution or None, fit_context=fit_context or None,
+        vllm_args={**spec.vllm_args, **engine_args(_options(vllm_arg, "--vllm-arg max_model_len=4096"))}
+        if vllm_arg else None,
         method_config={**spec.method_config, **_options(option)} if option else None,
         task_options={**spec.task_options, **_options(task_option, TASK_OPTION)} if task_option else None,
         **{"budget.examples": examples, "budget.epochs": epochs, "budget.batch_size": batch_size,

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from pkt_bench.api import Task, TransferContext, UserError
 from pkt_bench.environment import environment
-from pkt_bench.evaluate import check_backend, make_target
+from pkt_bench.evaluate import NEUTRAL_ENGINE_ARGS, check_backend, make_target
 from pkt_bench.models import ModelPair, context_length
 from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
@@ -53,6 +53,9 @@ class Cell:
             "task_options": dataclasses.asdict(self.task.config) if hasattr(self.task, "Config") else {},
             "eval_batch_size": self.spec.eval_batch_size,
         }
+        engine = {k: v for k, v in self.spec.vllm_args.items() if k not in NEUTRAL_ENGINE_ARGS}
+        if engine:  # only settings that can change results; absent otherwise, so older keys stay valid
+            cell["vllm_args"] = engine
         if self.method.cls.fine_tunes:
             cell["budget"] = dataclasses.asdict(self.spec.budget)
         return cell
@@ -74,7 +77,7 @@ def plan(spec: RunSpec) -> list[Cell]:
     method = METHODS.get(spec.method)
     config = method.make_config(spec.method_config)
     task_entries = [TASKS.get(name) for name in spec.tasks]
-    check_backend(spec.backend)
+    check_backend(spec.backend, spec.vllm_args)
     tasks = [(entry.name, make_task(entry, spec.data_dir, spec.task_options, spec.allow_code_execution))
              for entry in task_entries]
     pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
@@ -205,7 +208,7 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
             artifact = cell.method.cls(cell.config).transfer(ctx)
         with meter.stage("evaluate"):
             target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
-                                 cell.spec.eval_batch_size)
+                                 cell.spec.eval_batch_size, cell.spec.vllm_args)
             result = cell.task.evaluate(target, cell.spec.limit)
         if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
             final_dir = store.place_artifact(key, workdir)
@@ -223,6 +226,7 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
         "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
         "stages": stages, "wall_s": round(time.perf_counter() - started, 3),
         "artifact": dataclasses.asdict(artifact), "environment": environment(),
+        **({"vllm_args": cell.spec.vllm_args} if cell.spec.vllm_args else {}),  # every setting, neutral ones too
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = store.put(record)

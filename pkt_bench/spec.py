@@ -86,6 +86,7 @@ class RunSpec:
     allow_code_execution: bool = False
     eval_batch_size: int = 16
     fit_context: bool = False  # let a generation task run on a pair whose context cannot hold its protocol
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine settings (max_model_len, ...)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
@@ -124,6 +125,7 @@ class RunSpec:
             "method": str, "teacher": str, "student": str, "backend": str, "dtype": str, "device": str,
             "seed": int, "method_config": dict, "tasks": list, "references": bool, "task_options": dict,
             "allow_code_execution": bool, "eval_batch_size": int, "fit_context": bool,
+            "vllm_args": dict,
         }
         for key, kind in expected.items():
             value = getattr(self, key)

@@ -41,7 +41,7 @@ def cases(tiny, tmp):
         "malformed yaml": (["run", "--config", str(tmp / "bad.yaml")], f"{tmp / 'bad.yaml'}:4: malformed YAML"),
         "missing spec file": (["run", "--config", str(tmp / "none.yaml")], "does not exist"),
         "unknown backend": (["run", "--backend", "vlm"], "unknown backend 'vlm'"),
-        "bad dtype": (["run", "--dtype", "fp8"], "'dtype' must be one of"),
+        "bad dtype": (["run", "--dtype", "fp8"], "--dtype must be one of"),
         "unknown format": (["leaderboard", "--format", "xml"], "unknown format 'xml'"),
         "missing plugin": (["list", "methods", "--plugin", str(tmp / "none.py")], "plugin file"),
         "corrupt config.json": (["run", "--teacher", str(corrupt)], "config.json is not valid JSON"),
