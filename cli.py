@@ -142,6 +142,8 @@ def run(
     references: Annotated[Optional[bool], typer.Option("--references/--no-references", help="also evaluate student and teacher as is")] = None,
     results: Results = Path("results"),
     force: Annotated[bool, typer.Option(help="rerun cells whose record exists")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also show the libraries' log lines (vLLM, "
+                                          "lm-eval, transformers); they always go to <results>/logs/")] = False,
     plugin: Plugins = None,
 ):
     """Run one method end to end on each task and store one record per cell. With no flags: the offline probe."""
@@ -163,7 +165,7 @@ def run(
     from pkt_bench.runner import run as run_spec
     from pkt_bench.store import ResultStore
 
-    run_spec(spec, ResultStore(results), force=force)
+    run_spec(spec, ResultStore(results), force=force, verbose=verbose)
 
 
 @app.command(epilog=method_options())

@@ -9,9 +9,13 @@ and each record states their scores beside its own.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,14 +109,26 @@ def check_records(cells: list[Cell], store: ResultStore, force: bool) -> None:
             store.get(ref.key, unreadable_ok=force)
 
 
-def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None) -> list[CellOutcome]:
+def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None,
+        verbose: bool = False) -> list[CellOutcome]:
+    """Run the cells of `spec`. Library log lines go to `<results>/logs/run-<time>-<pid>.log` (and to stderr
+    with `verbose`), so that ours are not buried; each cell shows one progress line naming its stage."""
     console = console or Console(stderr=True, soft_wrap=True)
     _quiet_libraries()
     cells = plan(spec)
     check_records(cells, store, force)
     method, pair = cells[0].method, cells[0].pair
-    console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(spec.tasks)}; teacher "
-                  f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed {spec.seed}")
+    log = store.root / "logs" / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(c.task_name for c in cells)}; "
+                  f"teacher {pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed "
+                  f"{spec.seed}; library logs: {'stderr and ' if verbose else ''}{log}")
+    with library_logs(log, verbose):
+        return _run_cells(cells, spec, store, force, console)
+
+
+def _run_cells(cells: list[Cell], spec: RunSpec, store: ResultStore, force: bool,
+               console: Console) -> list[CellOutcome]:
+    method, pair = cells[0].method, cells[0].pair
     outcomes = []
     for cell in cells:
         task_name, task = cell.task_name, cell.task
@@ -174,6 +190,48 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
     return ctx.costs
 
 
+@contextmanager
+def library_logs(path: Path, verbose: bool) -> Iterator[None]:
+    """Route the libraries' log records (vLLM, lm-eval, transformers, ...) to the file `path`, created at the
+    first record, and to stderr only when `verbose`."""
+    import logging
+
+    import transformers
+
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's records then reach the root logger, not stdout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(path, delay=True)]
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    root, level = logging.getLogger(), logging.getLogger().level
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    transformers.logging.disable_default_handler()
+    transformers.logging.enable_propagation()
+    try:
+        yield
+    finally:
+        transformers.logging.disable_propagation()
+        transformers.logging.enable_default_handler()
+        root.setLevel(level)
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+
+
+@contextmanager
+def progress_line(console: Console, label: str) -> Iterator[Callable[[str | None], None]]:
+    """One transient Rich line, `label: stage` with the time elapsed, while a cell runs (terminals only)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task(label)
+        yield lambda stage: progress.update(task, description=f"{label}: {stage}" if stage else label)
+
+
 def _quiet_libraries() -> None:
     """Our own lines say what runs; the libraries' loading bars and info messages only bury them."""
     import warnings
@@ -199,22 +257,28 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
     set_seed(cell.spec.seed)
     workdir = store.partial_artifact_dir(key)  # unique to this process: concurrent runs of a cell never collide
     try:
-        meter = StageMeter()
-        ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
-                              task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
-                              backend=cell.spec.backend)
-        started = time.perf_counter()
-        with meter.stage("transfer"):
-            artifact = cell.method.cls(cell.config).transfer(ctx)
-        with meter.stage("evaluate"):
-            target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
-                                 cell.spec.eval_batch_size, cell.spec.vllm_args)
-            result = cell.task.evaluate(target, cell.spec.limit)
-        if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
-            final_dir = store.place_artifact(key, workdir)
-            artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
+        with progress_line(console, label) as show:
+            return _measure(cell, store, console, references, key, label, workdir, StageMeter(on_stage=show))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[str, Any], key: str, label: str,
+             workdir: Path, meter: StageMeter) -> CellOutcome:
+    """Transfer, evaluate and store one cell, measuring its stages with `meter`."""
+    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
+                          task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
+                          backend=cell.spec.backend)
+    started = time.perf_counter()
+    with meter.stage("transfer"):
+        artifact = cell.method.cls(cell.config).transfer(ctx)
+    with meter.stage("evaluate"):
+        target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
+                             cell.spec.eval_batch_size, cell.spec.vllm_args)
+        result = cell.task.evaluate(target, cell.spec.limit)
+    if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
+        final_dir = store.place_artifact(key, workdir)
+        artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
     stages = {name: None for name in STAGES} | meter.as_dict()
     record = {
         "schema_version": SCHEMA_VERSION, "key": key, "cell": cell.describe(),
