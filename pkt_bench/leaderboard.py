@@ -33,7 +33,7 @@ import numpy as np
 
 from pkt_bench import stats
 from pkt_bench.api import UserError
-from pkt_bench.spec import Budget, cell_key
+from pkt_bench.spec import cell_key
 
 FORMATS = ("table", "md", "csv", "json", "latex")
 ALPHA = 0.05
@@ -151,7 +151,8 @@ def _labels(records: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
     """The row label of every (method, variant key) among `records` (see the module docstring)."""
     cells = {(r["method"], _variant_key(r)): r["cell"] for r in records}
     budgets = [c["budget"] for c in cells.values() if c.get("budget")]
-    varying_budget = [f.name for f in dataclasses.fields(Budget) if len({json.dumps(b.get(f.name)) for b in budgets}) > 1]
+    fields = dict.fromkeys(k for b in budgets for k in b)  # whatever a record's budget holds, in its order
+    varying_budget = [k for k in fields if len({json.dumps(b.get(k)) for b in budgets}) > 1]
     other = sorted({k for c in cells.values() for k in c if k not in (*_NOT_VARIANT, *_OWN)})
     varying = [k for k in other if len({json.dumps(c.get(k), default=str) for c in cells.values()}) > 1]
     defaults = {method: method_defaults(method) for method, _ in cells}
@@ -469,7 +470,8 @@ def render(rows: list[Score], fmt: str, cost: bool = False) -> Any:
     for name in cost_names:
         cost_table.add_column(_COST_HEADERS.get(name, name), justify="right")
     for method, pair in keys:
-        cost_table.add_row(*map(rich_escape, names(method, pair)), *(_compact(costs[method, pair][n]) for n in cost_names))
+        cost_table.add_row(*map(rich_escape, names(method, pair)),
+                           *(_compact(costs[method, pair][n]) for n in cost_names))
     return Group(table, cost_table)
 
 
@@ -489,7 +491,8 @@ def _latex_escape(text: str) -> str:
 
 def _latex(headers: list[str], rows: list[list[str]], caption: str) -> str:
     """A booktabs tabular (needs `\\usepackage{booktabs}`), the legend as a comment above it."""
-    lines = [f"% {caption}", r"\begin{tabular}{" + "".join("l" if h in ("method", "pair") else "r" for h in headers) + "}", r"\toprule",
+    columns = "".join("l" if h in ("method", "pair") else "r" for h in headers)
+    lines = [f"% {caption}", r"\begin{tabular}{" + columns + "}", r"\toprule",
              " & ".join(headers) + r" \\", r"\midrule"]
     lines += [" & ".join(row) + r" \\" for row in rows]
     return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
