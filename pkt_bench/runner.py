@@ -169,6 +169,8 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{str(out)!r} exists and is not an empty folder; pick a new --out or remove it")
     pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
+    if hasattr(method.cls, "check"):
+        method.cls(config).check(pair)
     task = make_task(task_entry, spec.data_dir, spec.task_options, spec.allow_code_execution)
     console.print(f"[bold]pkt-bench extract[/]: method [cyan]{method.name}[/] on {task_entry.name}; teacher "
                   f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype})")
