@@ -442,7 +442,7 @@ def render(rows: list[Score], fmt: str, cost: bool = False) -> Any:
     from rich.table import Table
 
     table = Table(title="pkt-bench leaderboard", caption="\n".join(caption), box=box.SIMPLE_HEAD,
-                  caption_justify="left")
+                  caption_justify="left", pad_edge=False, collapse_padding=True)
     for header in lead:
         table.add_column(header, overflow="fold")
     for t in tasks:
@@ -464,9 +464,10 @@ def render(rows: list[Score], fmt: str, cost: bool = False) -> Any:
         table.add_row(*cells, end_section=compared)
     if not cost:
         return table
-    cost_table = Table(title="costs", caption=COST_LEGEND, box=box.SIMPLE_HEAD, caption_justify="left")
-    for header in lead:
-        cost_table.add_column(header, overflow="fold")
+    cost_table = Table(title="costs", caption=COST_LEGEND, box=box.SIMPLE_HEAD, caption_justify="left",
+                       pad_edge=False, collapse_padding=True)
+    for header in lead:  # numbers never wrap, so the labels get the room that is left, at least 12 columns
+        cost_table.add_column(header, overflow="fold", min_width=12 if header == "method" else None)
     for name in cost_names:
         cost_table.add_column(_COST_HEADERS.get(name, name), justify="right")
     for method, pair in keys:

@@ -196,8 +196,9 @@ def test_the_default_tables_fit_80_columns():
                     teacher=teacher, student=s) for t in ("gsm8k", "mmlu", "humaneval") for seed in (0, 1, 2)
                for m, p in (("student", 0.2), ("teacher", 0.9), ("lora", 0.4), ("sensitivity", 0.5))
                for s in (student, "/other/qwen2.5-coder-0.5b-instruct")]
-    for r in records:
-        r["wall_s"], r["costs"] = 1234.5, {"examples_seen": 32, "teacher_tokens": 1_234_567, "teacher_forward": 64}
+    for r in records:  # every counter, `reused` too: the widest cost table
+        r["wall_s"], r["costs"] = 1234.5, {"examples_seen": 32, "teacher_tokens": 1_234_567, "teacher_forward": 64,
+                                           "reused": 1}
     rows = scores(records, baseline="lora")
     console = Console(width=80, record=True)
     console.print(render(rows, "table", cost=True))
@@ -205,5 +206,5 @@ def test_the_default_tables_fit_80_columns():
     assert max(map(len, text.splitlines())) <= 80 and "…" not in text
     lora = next(s for s in rows if s.method == "lora" and s.task == "mmlu")
     assert f"{lora.mean:.3f} ± {lora.std:.3f}" in text and f"{lora.ci_low:.3f}" in text
-    assert "3.7M" in text and "T tok" in text and "tokens the teacher read" in text  # costs: own table, legend
+    assert "3.7M" in text and "3703.5" in text and "wall s" in text and "reused" in text and "T tok" in text and "tokens the teacher read" in text  # costs: own table, legend
     assert "P1 = Qwen/Qwen2.5-Coder-1.5B-Instruct" in text and student in text  # long pairs: named in a legend
