@@ -19,7 +19,6 @@ to a table of their own).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import re
@@ -134,7 +133,7 @@ def method_defaults(method: str) -> dict[str, Any] | None:
     from pkt_bench.registry import METHODS
 
     try:
-        return dataclasses.asdict(METHODS.get(method).make_config({}))
+        return asdict(METHODS.get(method).make_config({}))
     except UserError:
         return None
 
