@@ -16,9 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pkt_bench import __version__
 from pkt_bench.api import UserError
 from pkt_bench.registry import METHODS, TASKS, load_plugin
-from pkt_bench.spec import RunSpec
+from pkt_bench.spec import RunSpec, SpecKeyError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Benchmark parametric knowledge transfer (PKT) methods from a teacher LLM to a student.")
@@ -32,6 +33,18 @@ TaskOptions = Annotated[Optional[list[str]], typer.Option(
                                 "transfer_dir, ...; see `pkt-bench list tasks --details`); repeatable")]
 AllowCode = Annotated[bool, typer.Option("--allow-code-execution", help="let code tasks (humaneval, mbpp) run "
                                          "model-written programs, each in its own sandboxed process")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pkt-bench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Benchmark parametric knowledge transfer (PKT) methods from a teacher LLM to a student."""
 
 
 def method_options() -> str:
@@ -61,6 +74,30 @@ def _load_plugins(plugins: list[Path] | None) -> None:
         load_plugin(plugin)
 
 
+def _names(values: list[str] | None) -> list[str] | None:
+    """Repeated flags and comma lists alike (`--task gsm8k,mmlu`, as lm-eval takes them)."""
+    if not values:
+        return None
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def _flag_errors(spec: RunSpec, **flags: object) -> RunSpec:
+    """`spec.with_overrides(**flags)`, its errors naming the flag the user typed rather than the spec key."""
+    try:
+        return spec.with_overrides(**flags)
+    except SpecKeyError as error:
+        if flags.get(error.key) is None:
+            raise
+        flag = "--task" if error.key == "tasks" else "--" + error.key.replace("_", "-")
+        raise UserError(str(error).replace(f"spec key '{error.key}'", flag)) from None
+    except UserError as error:
+        typed = [k.removeprefix("budget.") for k, v in flags.items() if k.startswith("budget.") and v is not None]
+        for name in typed:
+            if str(error).startswith(f"budget {name} "):
+                raise UserError("--" + name.replace("_", "-") + str(error)[len(f"budget {name}"):]) from None
+        raise
+
+
 def _options(pairs: list[str] | None, example: str = "--option rank=8") -> dict[str, str]:
     options = {}
     for pair in pairs or []:
@@ -77,7 +114,8 @@ def run(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="transfer method (see `pkt-bench list methods`)")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="teacher: HF id, local HF folder, or pico-teacher")] = None,
     student: Annotated[Optional[str], typer.Option(help="student: HF id, local HF folder, or pico-student")] = None,
-    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="task name; repeat for several")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="task name (any case); repeat or "
+                                                                           "comma-separate for several")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of data sampling, init and training")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML spec; flags override it")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="method option KEY=VALUE; repeatable")] = None,
@@ -91,22 +129,34 @@ def run(
                                                          "(adapters as LoRA requests)")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N items (recorded)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N test items (recorded); it limits "
+                                                      "evaluation only: training takes the budget (--examples)")] = None,
     task_option: TaskOptions = None,
     allow_code_execution: AllowCode = False,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="prompts per batch when evaluating (recorded)")] = None,
+    vllm_arg: Annotated[Optional[list[str]], typer.Option(
+        "--vllm-arg", help="vLLM engine setting KEY=VALUE, as lm-eval's --model_args (gpu_memory_utilization, "
+                           "tensor_parallel_size, max_model_len, ...); repeatable; recorded")] = None,
+    fit_context: Annotated[bool, typer.Option("--fit-context", help="run a generation task on a pair whose context "
+                                              "cannot hold its protocol, generating at most half the context")] = False,
     references: Annotated[Optional[bool], typer.Option("--references/--no-references", help="also evaluate student and teacher as is")] = None,
     results: Results = Path("results"),
     force: Annotated[bool, typer.Option(help="rerun cells whose record exists")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also show the libraries' log lines (vLLM, "
+                                          "lm-eval, transformers); they always go to <results>/logs/")] = False,
     plugin: Plugins = None,
 ):
     """Run one method end to end on each task and store one record per cell. With no flags: the offline probe."""
+    from pkt_bench.evaluate import engine_args
+
     _load_plugins(plugin)
     spec = RunSpec.from_yaml(config) if config else RunSpec()
-    spec = spec.with_overrides(
-        method=method, teacher=teacher, student=student, tasks=task, seed=seed, data_dir=data_dir, backend=backend,
+    spec = _flag_errors(
+        spec, method=method, teacher=teacher, student=student, tasks=_names(task), seed=seed, data_dir=data_dir, backend=backend,
         dtype=dtype, device=device, limit=limit, references=references, eval_batch_size=eval_batch_size,
-        allow_code_execution=allow_code_execution or None,
+        allow_code_execution=allow_code_execution or None, fit_context=fit_context or None,
+        vllm_args={**spec.vllm_args, **engine_args(_options(vllm_arg, "--vllm-arg max_model_len=4096"))}
+        if vllm_arg else None,
         method_config={**spec.method_config, **_options(option)} if option else None,
         task_options={**spec.task_options, **_options(task_option, TASK_OPTION)} if task_option else None,
         **{"budget.examples": examples, "budget.epochs": epochs, "budget.batch_size": batch_size,
@@ -115,7 +165,7 @@ def run(
     from pkt_bench.runner import run as run_spec
     from pkt_bench.store import ResultStore
 
-    run_spec(spec, ResultStore(results), force=force)
+    run_spec(spec, ResultStore(results), force=force, verbose=verbose)
 
 
 @app.command(epilog=method_options())
@@ -137,8 +187,8 @@ def extract(
 ):
     """Run only a method's extraction stage (what it takes from the teacher) and write its files to --out."""
     _load_plugins(plugin)
-    spec = RunSpec().with_overrides(
-        method=method, teacher=teacher, student=student, tasks=[task] if task else None, seed=seed,
+    spec = _flag_errors(
+        RunSpec(), method=method, teacher=teacher, student=student, tasks=[task] if task else None, seed=seed,
         data_dir=data_dir, dtype=dtype, device=device, method_config=_options(option) if option else None,
         task_options=_options(task_option, TASK_OPTION) if task_option else None,
         **{"budget.max_length": max_length},
@@ -220,28 +270,49 @@ def score(
     print(json.dumps(scored, indent=1))
 
 
+BASELINE_HELP = ("row to compare against on the same items (Δ, CI, p): a method name (its only variant, else the one "
+                 "with default options) or a row label as shown, e.g. 'lora (rank=4)'")
+AllowUnequal = Annotated[bool, typer.Option("--allow-unequal", help="show Δ also for rows trained on another "
+                                                                    "budget than the baseline, marked †")]
+
+
+def _rows(results: Path, task: list[str] | None, baseline: str | None, allow_unequal: bool) -> list:
+    """The leaderboard rows of a results folder; no folder or no records is a UserError (exit 2)."""
+    from pkt_bench.leaderboard import scores
+    from pkt_bench.store import ResultStore
+
+    if not results.is_dir():
+        raise UserError(f"results folder {str(results)!r} does not exist; run `pkt-bench run` first or pass --results")
+    tasks = _names(task)
+    records = list(ResultStore(results).records())
+    if tasks:  # task names in any case, as `run` takes them
+        known = {r["task"].lower(): r["task"] for r in records}
+        tasks = [known.get(t.lower(), t) for t in tasks]
+    rows = scores(records, tasks, baseline, allow_unequal, note=lambda line: print(f"pkt-bench: {line}",
+                                                                                     file=sys.stderr))
+    if not rows:
+        raise UserError(f"no records in {results}" + (f" for tasks {', '.join(tasks)}" if tasks else "")
+                        + "; run `pkt-bench run` first or pass --results")
+    return rows
+
+
 @app.command()
 @user_errors
 def leaderboard(
     results: Results = Path("results"),
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="only these tasks")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, md, csv, json or latex")] = "table",
-    baseline: Annotated[Optional[str], typer.Option(help="method to compare against on the same items (Δ, CI, p)")] = None,
-    cost: Annotated[bool, typer.Option("--cost", help="add cost columns: examples, optimizer steps, teacher passes "
+    baseline: Annotated[Optional[str], typer.Option(help=BASELINE_HELP)] = None,
+    allow_unequal: AllowUnequal = False,
+    cost: Annotated[bool, typer.Option("--cost", help="add a cost table: examples, optimizer steps, teacher passes "
                                                       "and tokens, wall seconds (per run, summed over tasks)")] = False,
 ):
     """Show stored results: methods as rows, tasks as columns, mean ± std over seeds with 95% bootstrap CIs."""
-    from pkt_bench.leaderboard import FORMATS, render, scores
-    from pkt_bench.store import ResultStore
+    from pkt_bench.leaderboard import FORMATS, render
 
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if not results.is_dir():
-        raise UserError(f"results folder {str(results)!r} does not exist; run `pkt-bench run` first or pass --results")
-    rows = scores(ResultStore(results).records(), task, baseline)
-    if not rows:
-        print(f"no records in {results}" + (f" for tasks {', '.join(task)}" if task else ""), file=sys.stderr)
-        return
+    rows = _rows(results, task, baseline, allow_unequal)
     rendered = render(rows, fmt, cost)
     if fmt == "table":
         out.print(rendered)
@@ -279,20 +350,15 @@ def report(
 def plot(
     results: Results = Path("results"),
     out: Annotated[Path, typer.Option(help="folder for the PNG files")] = Path("plots"),
-    baseline: Annotated[Optional[str], typer.Option(help="method whose gain the cost plots show")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help=BASELINE_HELP + "; the cost plots show the gain over it")] = None,
+    allow_unequal: AllowUnequal = False,
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="only these tasks")] = None,
     cost: Annotated[str, typer.Option(help="x axis of cost plots: wall_s or a recorded cost (teacher_forward, ...)")] = "wall_s",
 ):
     """Write PNGs: per task, methods' scores with 95% CIs; with --baseline, cost against gain over it."""
-    from pkt_bench.leaderboard import scores
     from pkt_bench.plots import plot as write_plots
-    from pkt_bench.store import ResultStore
 
-    if not results.is_dir():
-        raise UserError(f"results folder {str(results)!r} does not exist; run `pkt-bench run` first or pass --results")
-    rows = scores(ResultStore(results).records(), task, baseline)
-    if not rows:
-        raise UserError(f"no records in {results}" + (f" for tasks {', '.join(task)}" if task else ""))
+    rows = _rows(results, task, baseline, allow_unequal)
     for path in write_plots(rows, out, cost):
         print(path)
 

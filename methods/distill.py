@@ -38,6 +38,9 @@ class Distill:
     def __init__(self, config: DistillConfig):
         self.config = config
 
+    def check(self, pair) -> None:
+        LoRA(self.config).check(pair)
+
     def transfer(self, ctx: TransferContext) -> Artifact:
         c = self.config
         if c.filter_correct and not hasattr(ctx.task, "check"):
@@ -75,8 +78,11 @@ class Distill:
             answers = generator.generate([e.prompt for e in train], max_new_tokens=generation["max_new_tokens"],
                                          stop=generation.get("stop", ()))
         tokenizer = AutoTokenizer.from_pretrained(ctx.pair.teacher.path)
-        ctx.costs["teacher_tokens_generated"] = ctx.costs.get("teacher_tokens_generated", 0) + sum(
-            len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers)
+        spent = {"teacher_forward": len(train),  # the canonical counters, so cost tables compare it with PKT
+                 "teacher_tokens": sum(len(tokenizer(e.prompt).input_ids) for e in train),
+                 "teacher_tokens_generated": sum(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers)}
+        for name, value in spent.items():
+            ctx.costs[name] = ctx.costs.get(name, 0) + value
         with (out / GENERATIONS).open("w") as handle:
             for example, answer in zip(train, answers):
                 handle.write(json.dumps({"id": example.id, "prompt": example.prompt, "completion": answer}) + "\n")

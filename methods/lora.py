@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pkt_bench.api import Artifact, TransferContext
-from pkt_bench.models import LINEAR_MODULES
+from pkt_bench.models import LINEAR_MODULES, check_adapter_options
 from pkt_bench.registry import register_method
 
 
@@ -33,7 +33,9 @@ class LoRAConfig:
 
 
 @register_method("lora")
-@register_method("pissa", init="pissa")
+@register_method("pissa", init="pissa", reference="https://arxiv.org/abs/2404.02948",
+                 description="PiSSA: LoRA initialized from the student's own principal components (A, B from its top "
+                             "singular vectors, the residual as the frozen base), same budget; no teacher")
 class LoRA:
     description = "vanilla LoRA fine-tuning of the student (PEFT default init), no teacher"
     reference = "https://arxiv.org/abs/2106.09685"
@@ -42,6 +44,9 @@ class LoRA:
 
     def __init__(self, config: LoRAConfig):
         self.config = config
+
+    def check(self, pair) -> None:
+        check_adapter_options(self.config, [pair.student])
 
     def transfer(self, ctx: TransferContext) -> Artifact:
         model, tokenizer = self.initialize(ctx)

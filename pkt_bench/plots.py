@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pkt_bench.api import UserError
-from pkt_bench.leaderboard import Score
+from pkt_bench.leaderboard import Score, short_pairs
 
 
 def _pyplot() -> Any:
@@ -24,9 +24,9 @@ def _pyplot() -> Any:
 
 
 def _labels(rows: list[Score]) -> list[str]:
-    """Method names, with the pair where a task holds several pairs."""
-    several = len({s.pair for s in rows}) > 1
-    return [f"{s.method} ({s.pair})" if several else s.method for s in rows]
+    """Row labels, with the pair's short name (as the leaderboard prints it) where a task holds several pairs."""
+    short = short_pairs({s.pair for s in rows}, width=80)  # a figure has room for names, and no legend of P1, P2
+    return [f"{s.method} ({short[s.pair]})" if len(short) > 1 else s.method for s in rows]
 
 
 def _file(out: Path, kind: str, task: str) -> Path:
@@ -67,7 +67,9 @@ def _scores(plt: Any, rows: list[Score], path: Path) -> Path:
     baseline = next((s for s in rows if s.baseline == s.method), None)
     if baseline is not None:
         ax.axvline(baseline.mean, color="grey", linestyle="--", linewidth=1, label=f"baseline {baseline.method}")
-        ax.legend(loc="lower right", fontsize=8)
+    ax.plot([], [], "o", color="tab:green", label="best on this task")  # what the colours mean
+    ax.plot([], [], "o", color="tab:blue", label="others")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_yticks(list(ys), _labels(rows))
     ax.invert_yaxis()
     ax.set_xlabel(f"{rows[0].metric} (mean, 95% bootstrap CI over items × seeds; seeds × items)")
@@ -80,17 +82,22 @@ def _scores(plt: Any, rows: list[Score], path: Path) -> Path:
 
 
 def _cost(plt: Any, rows: list[Score], cost: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s, label in zip(rows, _labels(rows)):
-        x = cost_of(s, cost)
+    """One marker per row, named in the legend beside the axes (labels on the points overlap when costs are
+    close); filled markers are significant (p < 0.05), hollow ones are not."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colours = plt.get_cmap("tab10").colors
+    for i, (s, label) in enumerate(zip(rows, _labels(rows))):
+        x, colour = cost_of(s, cost), colours[i % len(colours)]
         ax.errorbar(x, s.delta, yerr=[[s.delta - s.delta_low], [s.delta_high - s.delta]], fmt="o", capsize=4,
-                    color="tab:red" if s.significant else "tab:blue")
-        ax.annotate(label + (" *" if s.significant else ""), (x, s.delta), xytext=(6, 4), textcoords="offset points",
-                    fontsize=8)
+                    color=colour, markerfacecolor=colour if s.significant else "white",
+                    label=label + (" *" if s.significant else "") + (" †" if s.unequal_budget else ""))
     ax.axhline(0, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("wall time per cell (s, mean over seeds)" if cost == "wall_s" else f"{cost} (mean over seeds)")
     ax.set_ylabel(f"Δ {rows[0].metric} vs {rows[0].baseline} (95% paired CI)")
-    ax.set_title(f"{rows[0].task}: cost against gain over {rows[0].baseline} (* p < 0.05)")
+    ax.set_title(f"{rows[0].task}: cost against gain over {rows[0].baseline}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False,
+              title="filled, *: p < 0.05\nhollow: not significant" + ("\n†: other budget" if any(
+                  s.unequal_budget for s in rows) else ""), title_fontsize=8)
     ax.margins(0.2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

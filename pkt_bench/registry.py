@@ -28,25 +28,31 @@ from pkt_bench.api import UserError
 
 @dataclass(frozen=True)
 class Entry:
-    """A registered name: the class, the config values the name presets, and its one-line description."""
+    """A registered name: the class, the config values the name presets, its one-line description and link."""
 
     name: str
     cls: type
     preset: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    link: str = ""  # this name's own reference, where it is not the class's
 
     @property
     def reference(self) -> str:
-        return getattr(self.cls, "reference", "")
+        return self.link or getattr(self.cls, "reference", "")
 
     def config_fields(self) -> list[dataclasses.Field]:
         config_cls = getattr(self.cls, "Config", None)
         return list(dataclasses.fields(config_cls)) if config_cls else []
 
     def make_config(self, values: dict[str, Any]) -> Any:
-        """The method's config: defaults, then this name's preset, then `values`; unknown keys are errors."""
+        """The method's config: defaults, then this name's preset, then `values`; unknown keys are errors.
+
+        PEFT's names of the LoRA options (`r`, `lora_alpha`, ...) are taken for ours where a config has them.
+        """
         config_cls = self.cls.Config
         known = {f.name: f for f in dataclasses.fields(config_cls)}
+        values = {PEFT_ALIASES.get(k, k) if k not in known and PEFT_ALIASES.get(k) in known else k: v
+                  for k, v in values.items()}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise UserError(
@@ -59,6 +65,9 @@ class Entry:
         return config_cls(**merged)
 
 
+
+PEFT_ALIASES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
+"""PEFT's `LoraConfig` names -> ours, so `-o r=8 -o lora_alpha=32` works as a PEFT user writes it."""
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -101,8 +110,9 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._discovered = False
 
-    def register(self, name: str, *, description: str | None = None, **preset: Any):
-        """Class decorator: register the class under `name`, with optional preset config values."""
+    def register(self, name: str, *, description: str | None = None, reference: str = "", **preset: Any):
+        """Class decorator: register the class under `name`, with optional preset config values (and then the
+        preset's own description and reference, which a preset of another method needs)."""
 
         def decorate(cls: type) -> type:
             if name in self._entries and self._entries[name].cls is not cls:
@@ -111,7 +121,8 @@ class Registry:
                     f"{self.kind} name {name!r} is taken by {existing.__module__}.{existing.__qualname__}; "
                     f"register {cls.__qualname__} under another name"
                 )
-            self._entries[name] = Entry(name, cls, dict(preset), description or getattr(cls, "description", ""))
+            self._entries[name] = Entry(name, cls, dict(preset), description or getattr(cls, "description", ""),
+                                        reference)
             return cls
 
         return decorate
@@ -145,6 +156,9 @@ class Registry:
         self.discover()
         if name in self._entries:
             return self._entries[name]
+        folded = {known.lower(): known for known in self._entries}
+        if name.lower() in folded:  # GSM8K, MMLU: names in any case, as lm-eval users type them
+            return self._entries[folded[name.lower()]]
         close = difflib.get_close_matches(name, self._entries, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(

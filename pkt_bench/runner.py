@@ -9,9 +9,13 @@ and each record states their scores beside its own.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,8 +25,8 @@ from rich.console import Console
 
 from pkt_bench.api import Task, TransferContext, UserError
 from pkt_bench.environment import environment
-from pkt_bench.evaluate import check_backend, make_target
-from pkt_bench.models import ModelPair
+from pkt_bench.evaluate import NEUTRAL_ENGINE_ARGS, check_backend, make_target
+from pkt_bench.models import ModelPair, context_length
 from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
 from pkt_bench.stages import StageMeter
@@ -53,6 +57,9 @@ class Cell:
             "task_options": dataclasses.asdict(self.task.config) if hasattr(self.task, "Config") else {},
             "eval_batch_size": self.spec.eval_batch_size,
         }
+        engine = {k: v for k, v in self.spec.vllm_args.items() if k not in NEUTRAL_ENGINE_ARGS}
+        if engine:  # only settings that can change results; absent otherwise, so older keys stay valid
+            cell["vllm_args"] = engine
         if self.method.cls.fine_tunes:
             cell["budget"] = dataclasses.asdict(self.spec.budget)
         return cell
@@ -74,23 +81,54 @@ def plan(spec: RunSpec) -> list[Cell]:
     method = METHODS.get(spec.method)
     config = method.make_config(spec.method_config)
     task_entries = [TASKS.get(name) for name in spec.tasks]
-    check_backend(spec.backend)
+    check_backend(spec.backend, spec.vllm_args)
     tasks = [(entry.name, make_task(entry, spec.data_dir, spec.task_options, spec.allow_code_execution))
              for entry in task_entries]
     pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
-    for _, task in tasks:
+    if hasattr(method.cls, "check"):  # a method's own option checks against the pair (LoRA: rank, modules)
+        method.cls(config).check(pair)
+    context = min(filter(None, (context_length(pair.teacher), context_length(pair.student))), default=None)
+    for task_name, task in tasks:
         if hasattr(task, "check_pair"):
             task.check_pair(pair)
+        needed = getattr(task, "generation", {}).get("max_new_tokens")
+        if context and needed and needed >= context and not spec.fit_context:
+            raise UserError(f"task {task_name!r} generates up to {needed} tokens, but the pair's context holds "
+                            f"{context}; pick a pair with a longer context, or pass --fit-context to cut generation "
+                            f"to half the context (recorded)")
     return [Cell(method, config, spec, pair, task_name, task) for task_name, task in tasks]
 
 
-def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None) -> list[CellOutcome]:
+def check_records(cells: list[Cell], store: ResultStore, force: bool) -> None:
+    """Every stored record this run would read is readable (else one line naming the file), before any cell."""
+    for cell in cells:
+        ref_cells = [Cell(METHODS.get(n), METHODS.get(n).make_config({}), cell.spec, cell.pair, cell.task_name,
+                          cell.task) for n in REFERENCE_METHODS if cell.spec.references and n != cell.method.name]
+        store.get(cell.key, unreadable_ok=force)
+        for ref in ref_cells:
+            store.get(ref.key, unreadable_ok=force)
+
+
+def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Console | None = None,
+        verbose: bool = False) -> list[CellOutcome]:
+    """Run the cells of `spec`. Library log lines go to `<results>/logs/run-<time>-<pid>.log` (and to stderr
+    with `verbose`), so that ours are not buried; each cell shows one progress line naming its stage."""
     console = console or Console(stderr=True, soft_wrap=True)
     _quiet_libraries()
     cells = plan(spec)
+    check_records(cells, store, force)
     method, pair = cells[0].method, cells[0].pair
-    console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(spec.tasks)}; teacher "
-                  f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed {spec.seed}")
+    log = store.root / "logs" / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(c.task_name for c in cells)}; "
+                  f"teacher {pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed "
+                  f"{spec.seed}; library logs: {'stderr and ' if verbose else ''}{log}")
+    with library_logs(log, verbose):
+        return _run_cells(cells, spec, store, force, console)
+
+
+def _run_cells(cells: list[Cell], spec: RunSpec, store: ResultStore, force: bool,
+               console: Console) -> list[CellOutcome]:
+    method, pair = cells[0].method, cells[0].pair
     outcomes = []
     for cell in cells:
         task_name, task = cell.task_name, cell.task
@@ -105,7 +143,7 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
                 if name != method.name:
                     entry = METHODS.get(name)
                     ref_cell = Cell(entry, entry.make_config({}), spec, pair, task_name, task)
-                    ref = _run_cell(ref_cell, store, False, console, {})
+                    ref = _run_cell(ref_cell, store, False, console, {}, overwrite_unreadable=force)
                     references[name] = {"key": ref.key, "primary_metric": ref.record["primary_metric"],
                                         "score": ref.record["metrics"][ref.record["primary_metric"]]}
         outcomes.append(_run_cell(cell, store, force, console, references))
@@ -131,6 +169,8 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{str(out)!r} exists and is not an empty folder; pick a new --out or remove it")
     pair = ModelPair.resolve(spec.teacher, spec.student, spec.device, spec.dtype)
+    if hasattr(method.cls, "check"):
+        method.cls(config).check(pair)
     task = make_task(task_entry, spec.data_dir, spec.task_options, spec.allow_code_execution)
     console.print(f"[bold]pkt-bench extract[/]: method [cyan]{method.name}[/] on {task_entry.name}; teacher "
                   f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype})")
@@ -152,6 +192,48 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
     return ctx.costs
 
 
+@contextmanager
+def library_logs(path: Path, verbose: bool) -> Iterator[None]:
+    """Route the libraries' log records (vLLM, lm-eval, transformers, ...) to the file `path`, created at the
+    first record, and to stderr only when `verbose`."""
+    import logging
+
+    import transformers
+
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's records then reach the root logger, not stdout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(path, delay=True)]
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    root, level = logging.getLogger(), logging.getLogger().level
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    transformers.logging.disable_default_handler()
+    transformers.logging.enable_propagation()
+    try:
+        yield
+    finally:
+        transformers.logging.disable_propagation()
+        transformers.logging.enable_default_handler()
+        root.setLevel(level)
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+
+
+@contextmanager
+def progress_line(console: Console, label: str) -> Iterator[Callable[[str | None], None]]:
+    """One transient Rich line, `label: stage` with the time elapsed, while a cell runs (terminals only)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task(label)
+        yield lambda stage: progress.update(task, description=f"{label}: {stage}" if stage else label)
+
+
 def _quiet_libraries() -> None:
     """Our own lines say what runs; the libraries' loading bars and info messages only bury them."""
     import warnings
@@ -164,10 +246,10 @@ def _quiet_libraries() -> None:
 
 
 def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
-              references: dict[str, Any]) -> CellOutcome:
+              references: dict[str, Any], overwrite_unreadable: bool = False) -> CellOutcome:
     key = cell.key
     label = f"{cell.method.name} on {cell.task_name} (seed {cell.spec.seed})"
-    existing = store.get(key)
+    existing = None if force else store.get(key, unreadable_ok=overwrite_unreadable)
     if existing is not None and not force:
         console.print(f"  {label}: record exists, skipped ({store.path(key)}); --force reruns it")
         return CellOutcome(key, existing, skipped=True)
@@ -177,22 +259,28 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
     set_seed(cell.spec.seed)
     workdir = store.partial_artifact_dir(key)  # unique to this process: concurrent runs of a cell never collide
     try:
-        meter = StageMeter()
-        ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
-                              task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
-                              backend=cell.spec.backend)
-        started = time.perf_counter()
-        with meter.stage("transfer"):
-            artifact = cell.method.cls(cell.config).transfer(ctx)
-        with meter.stage("evaluate"):
-            target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
-                                 cell.spec.eval_batch_size)
-            result = cell.task.evaluate(target, cell.spec.limit)
-        if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
-            final_dir = store.place_artifact(key, workdir)
-            artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
+        with progress_line(console, label) as show:
+            return _measure(cell, store, console, references, key, label, workdir, StageMeter(on_stage=show))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[str, Any], key: str, label: str,
+             workdir: Path, meter: StageMeter) -> CellOutcome:
+    """Transfer, evaluate and store one cell, measuring its stages with `meter`."""
+    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
+                          task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
+                          backend=cell.spec.backend)
+    started = time.perf_counter()
+    with meter.stage("transfer"):
+        artifact = cell.method.cls(cell.config).transfer(ctx)
+    with meter.stage("evaluate"):
+        target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
+                             cell.spec.eval_batch_size, cell.spec.vllm_args)
+        result = cell.task.evaluate(target, cell.spec.limit)
+    if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
+        final_dir = store.place_artifact(key, workdir)
+        artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
     stages = {name: None for name in STAGES} | meter.as_dict()
     record = {
         "schema_version": SCHEMA_VERSION, "key": key, "cell": cell.describe(),
@@ -204,6 +292,7 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
         "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
         "stages": stages, "wall_s": round(time.perf_counter() - started, 3),
         "artifact": dataclasses.asdict(artifact), "environment": environment(),
+        **({"vllm_args": cell.spec.vllm_args} if cell.spec.vllm_args else {}),  # every setting, neutral ones too
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = store.put(record)

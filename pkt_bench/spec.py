@@ -85,6 +85,8 @@ class RunSpec:
     task_options: dict[str, Any] = field(default_factory=dict)
     allow_code_execution: bool = False
     eval_batch_size: int = 16
+    fit_context: bool = False  # let a generation task run on a pair whose context cannot hold its protocol
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine settings (max_model_len, ...)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
@@ -122,7 +124,8 @@ class RunSpec:
         expected = {
             "method": str, "teacher": str, "student": str, "backend": str, "dtype": str, "device": str,
             "seed": int, "method_config": dict, "tasks": list, "references": bool, "task_options": dict,
-            "allow_code_execution": bool, "eval_batch_size": int,
+            "allow_code_execution": bool, "eval_batch_size": int, "fit_context": bool,
+            "vllm_args": dict,
         }
         for key, kind in expected.items():
             value = getattr(self, key)

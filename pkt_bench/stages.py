@@ -12,7 +12,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,7 +41,11 @@ class StageStats:
 
 
 class StageMeter:
-    def __init__(self, sample_every_s: float = 0.01):
+    """Measures stages; `on_stage(name)` (optional) hears of each stage entered and, on leaving, of the stage
+    that goes on (None at the end), so that a progress line can name what runs."""
+
+    def __init__(self, sample_every_s: float = 0.01, on_stage: Callable[[str | None], None] | None = None):
+        self.on_stage = on_stage
         self.stats: dict[str, StageStats] = {}
         self._stack: list[tuple[str, float]] = []
         self._lock = threading.Lock()
@@ -56,6 +60,8 @@ class StageMeter:
                 self._stats(outer).wall_s += now - started
             self._stack.append((name, now))
         stats = self._stats(name)
+        if self.on_stage is not None:
+            self.on_stage(name)
         cuda = _cuda()
         if cuda is not None:
             cuda.reset_peak_memory_stats()
@@ -77,6 +83,9 @@ class StageMeter:
                 stats.wall_s += now - started
                 if self._stack:  # resume the outer stage's clock
                     self._stack[-1] = (self._stack[-1][0], now)
+                outer = self._stack[-1][0] if self._stack else None
+            if self.on_stage is not None:
+                self.on_stage(outer)
 
     def _stats(self, name: str) -> StageStats:
         return self.stats.setdefault(name, StageStats())

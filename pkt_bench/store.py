@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pkt_bench.api import UserError
 from pkt_bench.spec import SCHEMA_VERSION
 
 
@@ -66,11 +67,19 @@ class ResultStore:
                 raise
         return final
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str, unreadable_ok: bool = False) -> dict[str, Any] | None:
+        """The record of `key`, or None. An unreadable one (truncated, say) is a `UserError` naming the file,
+        or None with `unreadable_ok` (a `--force` run then overwrites it)."""
         path = self.path(key)
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            if unreadable_ok:
+                return None
+            raise UserError(f"record {path} is unreadable ({error}); rerun with --force to overwrite it, or delete "
+                            f"the file") from None
 
     def put(self, record: dict[str, Any]) -> Path:
         assert record["schema_version"] == SCHEMA_VERSION and record["key"]

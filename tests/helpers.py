@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PKT_BENCH_DATA") or REPO.parent / "shared" / "data" / "eval")
+"""The real tasks' local data (`PKT_BENCH_DATA`, else `../shared/data/eval`); their tests skip, saying so, without it."""
+NO_DATA = (f"no task data at {DATA}: set PKT_BENCH_DATA to a folder in the layout of shared/data/eval "
+           f"(gsm8k/, mmlu/, humaneval/, mbpp/) to run the real-task tests")
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

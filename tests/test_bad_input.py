@@ -1,7 +1,9 @@
 """Bad input: one line that says what is wrong and how to fix it, exit code 2, nothing stored changed."""
 
+import shutil
+
 import pytest
-from helpers import cli, tree_digest
+from helpers import DATA, NO_DATA, cli, tree_digest
 
 from pkt_bench.spec import SCHEMA_VERSION
 from pkt_bench.store import ResultStore
@@ -19,6 +21,9 @@ def results(tmp_path):
 def cases(tiny, tmp):
     (tmp / "empty").mkdir()
     (tmp / "bad.yaml").write_text("method: lora\nbudget:\n  epochs: [1\n")
+    corrupt = tmp / "corrupt"
+    shutil.copytree(tiny["llama-teacher"], corrupt)
+    (corrupt / "config.json").write_text('{"model_type": "llama", ')
     return {
         "unknown method": (["run", "--method", "lroa"], "did you mean 'lora'"),
         "unknown task": (["run", "--task", "prob"], "did you mean 'probe'"),
@@ -31,20 +36,31 @@ def cases(tiny, tmp):
                                  str(tiny["llama-other-vocab"])], "different vocabularies"),
         "probe on a foreign pair": (["run", "--teacher", str(tiny["llama-teacher"]), "--student",
                                      str(tiny["llama-student"])], "only works with the pico pair"),
-        "zero budget": (["run", "--epochs", "0"], "budget epochs must be a positive integer"),
-        "negative budget": (["run", "--examples=-5"], "budget examples must be a positive integer"),
+        "zero budget": (["run", "--epochs", "0"], "--epochs must be a positive integer, got 0"),  # the flag typed
+        "negative budget": (["run", "--examples=-5"], "--examples must be a positive integer"),
         "malformed yaml": (["run", "--config", str(tmp / "bad.yaml")], f"{tmp / 'bad.yaml'}:4: malformed YAML"),
         "missing spec file": (["run", "--config", str(tmp / "none.yaml")], "does not exist"),
         "unknown backend": (["run", "--backend", "vlm"], "unknown backend 'vlm'"),
-        "bad dtype": (["run", "--dtype", "fp8"], "'dtype' must be one of"),
+        "bad dtype": (["run", "--dtype", "fp8"], "--dtype must be one of"),
         "unknown format": (["leaderboard", "--format", "xml"], "unknown format 'xml'"),
         "missing plugin": (["list", "methods", "--plugin", str(tmp / "none.py")], "plugin file"),
+        "corrupt config.json": (["run", "--teacher", str(corrupt)], "config.json is not valid JSON"),
+        "unknown device": (["run", "--device", "tpu"], "unknown device 'tpu'; use auto, cpu, cuda"),
+        "missing CUDA": (["run", "--device", "cuda:7"], "cuda:7"),
+        "zero rank": (["run", "-o", "rank=0"], "-o rank must be a positive integer, got 0"),
+        "unknown target module": (["run", "-o", "target_modules=q_projj"], "'q_projj' is no module of 'pico-student'; "
+                                  "did you mean 'q_proj'?"),
+        "task beyond the context": (["run", "--task", "GSM8K", "--data-dir", str(DATA)],
+                                    "task 'gsm8k' generates up to 512 tokens, but the pair's context holds 64"),
+        "limit flag": (["run", "--limit", "0"], "--limit must be a positive integer, got 0"),
     }
 
 
 CASES = ["unknown method", "unknown task", "unknown method option", "missing folder", "folder without model",
          "family mismatch", "vocabulary mismatch", "probe on a foreign pair", "zero budget", "negative budget",
-         "malformed yaml", "missing spec file", "unknown backend", "bad dtype", "unknown format", "missing plugin"]
+         "malformed yaml", "missing spec file", "unknown backend", "bad dtype", "unknown format", "missing plugin",
+         "corrupt config.json", "unknown device", "missing CUDA", "zero rank", "unknown target module",
+         "task beyond the context", "limit flag"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -52,9 +68,29 @@ def test_bad_input_exits_2_with_one_line_and_keeps_records(case, tiny_models, pi
     all_cases = cases(tiny_models, tmp_path)
     assert set(all_cases) == set(CASES)
     args, expected = all_cases[case]
+    if case == "task beyond the context" and not DATA.is_dir():
+        pytest.skip(NO_DATA)
     before = tree_digest(results)
     done = cli(*args, "--results", str(results)) if args[0] != "list" else cli(*args)
     assert done.returncode == 2, (done.stdout, done.stderr)
     message = done.stderr.strip()
     assert "\n" not in message and message.startswith("pkt-bench: error: ") and expected in message, message
     assert tree_digest(results) == before
+
+
+def test_an_unreadable_record_is_named_before_any_cell_and_force_overwrites_it(pico_pair, results, tmp_path):
+    from pkt_bench.runner import check_records, plan
+    from pkt_bench.spec import RunSpec
+
+    cells = plan(RunSpec())
+    store = ResultStore(results)
+    truncated = store.path(cells[0].key)
+    truncated.write_text('{"schema_version": 1, "key": ')
+    before = tree_digest(results)
+    done = cli("run", "--results", str(results))
+    assert done.returncode == 2 and tree_digest(results) == before
+    assert done.stderr.strip().splitlines() == [
+        f"pkt-bench: error: record {truncated} is unreadable (Expecting value: line 1 column 30 (char 29)); rerun "
+        f"with --force to overwrite it, or delete the file"]
+    check_records(cells, store, force=True)  # --force: the cell runs and its record replaces the broken one
+    assert store.get(cells[0].key, unreadable_ok=True) is None

@@ -80,6 +80,7 @@ def test_distill_reuses_the_teachers_answers_and_respects_the_filter(tiny_models
     (folder,) = (tmp_path / "cache").glob("distill-*")
     answers = [json.loads(line) for line in (folder / GENERATIONS).read_text().splitlines()]
     assert len(answers) == 8 and ctx.costs["teacher_tokens_generated"] > 0
+    assert ctx.costs["teacher_forward"] == 8 and ctx.costs["teacher_tokens"] > 8  # the counters every method keeps
     assert ctx.costs["teacher_answers"] == ctx.costs["teacher_answers_kept"] == 8
     assert ctx.costs["optimizer_steps"] == Budget(examples=8, epochs=1, batch_size=4).optimizer_steps(8)
     written = (folder / GENERATIONS).stat().st_mtime_ns

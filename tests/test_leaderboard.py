@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from pkt_bench.api import UserError
-from pkt_bench.leaderboard import render, scores
+from pkt_bench.leaderboard import delta_text, render, scores, short_names
 from pkt_bench.spec import SCHEMA_VERSION
 
 CELL = {"method_config": {}, "backend": "hf", "limit": None}
@@ -49,18 +49,18 @@ def test_all_formats_print_the_same_numbers():
         assert (j["method"], j["task"]) == (c["method"], c["task"])
         assert float(c["mean"]) == j["mean"] and c["best"] == str(j["best"])
     md = render(rows, "md")
-    assert "| lora | T -> S | 0.270 ± 0.061 (3×4) | 0.500 (1×4) |" in md  # seeds × items always shown
+    assert "| lora | 0.270 ± 0.061 (3×4) | 0.500 (1×4) |" in md  # seeds × items always shown
+    assert "pair (teacher -> student): T -> S" in md  # one pair: said once, not on every row
     assert "**0.400**" in md and "**0.600**" in md
     console = Console(width=200, record=True)
     console.print(render(rows, "table"))
     text = console.export_text()
-    assert "0.270 ± 0.061 (3×4)" in text and "sensitivity" in text and "gsm8k (acc)" in text
+    assert "0.270 ± 0.061" in text and "(3×4)" in text and "sensitivity" in text and "gsm8k (acc)" in text
 
 
 def test_method_variants_get_rows_of_their_own():
     rows = scores([rec("lora", "gsm8k", 0, 0.2), rec("lora", "gsm8k", 0, 0.3, config={"rank": 8})])
-    assert len(rows) == 2 and len({s.method for s in rows}) == 2
-    assert all(s.method.startswith("lora [") for s in rows)
+    assert sorted(s.method for s in rows) == ["lora", "lora (rank=8)"]  # what differs from lora's defaults
 
 
 def with_items(method, seed, p_right, n_items=40, config=None):
@@ -99,15 +99,16 @@ def test_delta_is_taken_on_shared_items_only():
 def test_baseline_errors_are_for_users():
     with pytest.raises(UserError, match="baseline 'pissa' has no records here; pick one of: lora, sensitivity"):
         scores(BETTER, baseline="pissa")
-    variants = BETTER + [with_items("lora", 0, 0.3, config={"rank": 4})]
-    with pytest.raises(UserError, match="baseline 'lora' has 2 variants"):
+    variants = [with_items("lora", 0, 0.3, config={"rank": 4}), with_items("lora", 0, 0.4, config={"rank": 8})]
+    with pytest.raises(UserError, match=r"baseline 'lora' is ambiguous: 2 variants \(lora \(rank=4\); lora "
+                                        r"\(rank=8\)\); name one, e.g. --baseline 'lora \(rank=4\)'"):
         scores(variants, baseline="lora")
 
 
 def test_latex_export_escapes_and_bolds_the_best():
     latex = render(scores(BETTER + [rec("random_init", "probe", 0, 0.1)], baseline="lora"), "latex")
-    assert latex.startswith("% mean ± std") and "\\begin{tabular}{llrr}" in latex
-    assert "random\\_init" in latex and "T $\\rightarrow$ S" in latex and "\\textbf{0." in latex
+    assert latex.startswith("% mean ± std") and "\\begin{tabular}{lrr}" in latex
+    assert "random\\_init" in latex and "pair (teacher -> student): T -> S" in latex and "\\textbf{0." in latex
     assert "$\\Delta$ probe vs lora" in latex and latex.rstrip().endswith("\\end{tabular}")
 
 
@@ -125,3 +126,85 @@ def test_task_options_split_columns_not_method_rows():
     assert len(rows) == 2 and {s.method for s in rows} == {"lora"}
     assert len({s.task for s in rows}) == 2 and all(s.task.startswith("gsm8k [") for s in rows)
     assert all(s.seeds == 1 for s in rows)  # 0-shot and 8-shot never pool as seeds of one cell
+
+
+def full(method, budget=None, task="probe", seed=0, p_right=0.5, teacher="T", student="S", **options):
+    """A record as the runner writes it: the method's whole config, and the whole budget where it fine-tunes."""
+    from dataclasses import asdict
+
+    from pkt_bench.registry import METHODS
+    from pkt_bench.spec import Budget
+
+    record = with_items(method, seed, p_right, config=asdict(METHODS.get(method).make_config(options)))
+    record["task"] = record["cell"]["task"] = task
+    record["teacher"], record["student"] = teacher, student
+    if budget is not None:
+        record["cell"]["budget"] = asdict(Budget(**budget))
+    return record
+
+
+SMALL, LARGE = {"examples": 32, "epochs": 2}, {"examples": 60, "epochs": 3}
+
+
+def test_labels_name_exactly_the_options_and_budget_fields_that_differ():
+    rows = scores([full("lora", SMALL), full("lora", SMALL, rank=4), full("pissa", SMALL), full("student"),
+                   full("sensitivity", LARGE, n_seeds=8), full("lora", {**SMALL, "lr": 1e-4}, rank=4)])
+    assert sorted({s.method for s in rows}) == [
+        "lora (32×2, lr=0.0003)", "lora (rank=4, 32×2, lr=0.0001)", "lora (rank=4, 32×2, lr=0.0003)",
+        "pissa (32×2, lr=0.0003)", "sensitivity (n_seeds=8, 60×3, lr=0.0003)", "student"]
+    same_budget = scores([full("lora", SMALL), full("lora", SMALL, rank=4), full("pissa", SMALL)])
+    assert sorted(s.method for s in same_budget) == ["lora", "lora (rank=4)", "pissa"]  # pissa's preset is its default
+    md = render(same_budget, "md")
+    assert "budget of every fine-tuning row: examples=32, epochs=2, batch_size=8" in md
+    flat = list(csv.DictReader(io.StringIO(render(same_budget, "csv"))))
+    assert {r["config.rank"] for r in flat} == {"16", "4"} and {r["budget.examples"] for r in flat} == {"32"}
+    assert {r["name"] for r in flat} == {"lora", "pissa"}
+
+
+def test_a_delta_across_budgets_is_refused_or_flagged():
+    records = [full("lora", SMALL, p_right=0.3), full("sensitivity", LARGE, p_right=0.8), full("student")]
+    rows = {s.name: s for s in scores(records, baseline="lora")}
+    assert rows["sensitivity"].unequal_budget and rows["sensitivity"].delta is None  # refused, and says why
+    assert delta_text(rows["sensitivity"]) == "other budget"
+    assert "other budget: trained on another budget than the baseline, so no Δ" in render(list(rows.values()), "md")
+    rows = {s.name: s for s in scores(records, baseline="lora", allow_unequal=True)}
+    assert rows["sensitivity"].delta > 0 and "†" in delta_text(rows["sensitivity"])
+    assert not rows["student"].unequal_budget and rows["student"].delta is not None  # no budget: nothing to match
+    assert "†: Δ against a baseline trained on a different budget" in render(list(rows.values()), "md")
+
+
+def test_a_bare_baseline_name_resolves_to_the_default_variant_and_says_so():
+    records = [full("lora", SMALL, p_right=0.3), full("lora", SMALL, p_right=0.6, rank=4),
+               full("sensitivity", SMALL, p_right=0.8)]
+    said = []
+    rows = {s.method: s for s in scores(records, baseline="lora", note=said.append)}
+    assert rows["sensitivity"].baseline == "lora" and rows["lora (rank=4)"].delta is not None
+    assert said == ["baseline 'lora' is 'lora', the variant with lora's default options (others: lora (rank=4))"]
+    by_label = {s.method: s for s in scores(records, baseline="lora (rank=4)")}
+    assert by_label["lora"].delta == pytest.approx(-rows["lora (rank=4)"].delta)
+
+
+def test_short_pair_names_stay_unique():
+    assert short_names(["pico-teacher", "Qwen/Qwen2.5-0.5B", "/m/a/qwen", "/m/b/qwen", "./x/"]) == {
+        "pico-teacher": "pico-teacher", "Qwen/Qwen2.5-0.5B": "Qwen2.5-0.5B", "/m/a/qwen": "a/qwen",
+        "/m/b/qwen": "b/qwen", "./x/": "x"}
+
+
+def test_the_default_tables_fit_80_columns():
+    teacher, student = "Qwen/Qwen2.5-Coder-1.5B-Instruct", "/data/models/qwen2.5-coder-0.5b-instruct"
+    records = [full(m, SMALL if m not in ("student", "teacher") else None, task=t, seed=seed, p_right=p,
+                    teacher=teacher, student=s) for t in ("gsm8k", "mmlu", "humaneval") for seed in (0, 1, 2)
+               for m, p in (("student", 0.2), ("teacher", 0.9), ("lora", 0.4), ("sensitivity", 0.5))
+               for s in (student, "/other/qwen2.5-coder-0.5b-instruct")]
+    for r in records:  # every counter, `reused` too: the widest cost table
+        r["wall_s"], r["costs"] = 1234.5, {"examples_seen": 32, "teacher_tokens": 1_234_567, "teacher_forward": 64,
+                                           "reused": 1}
+    rows = scores(records, baseline="lora")
+    console = Console(width=80, record=True)
+    console.print(render(rows, "table", cost=True))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    lora = next(s for s in rows if s.method == "lora" and s.task == "mmlu")
+    assert f"{lora.mean:.3f} ± {lora.std:.3f}" in text and f"{lora.ci_low:.3f}" in text
+    assert "3.7M" in text and "3703.5" in text and "wall s" in text and "reused" in text and "T tok" in text and "tokens the teacher read" in text  # costs: own table, legend
+    assert "P1 = Qwen/Qwen2.5-Coder-1.5B-Instruct" in text and student in text  # long pairs: named in a legend

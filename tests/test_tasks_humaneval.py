@@ -7,13 +7,12 @@ import importlib.util
 import json
 
 import pytest
-from helpers import REPO, cli
+from helpers import DATA, NO_DATA, REPO, cli
 
 from pkt_bench.api import UserError
 
-DATA = REPO.parent / "shared" / "data" / "eval"
 LATEN = REPO.parent / "shared" / "data" / "laten_splits"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no task data at {DATA} (shared/data/eval)")
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=NO_DATA)
 
 
 def problems():
