@@ -56,15 +56,21 @@ class OnlineTeacher:
         self.model = model.requires_grad_(False).eval()
         self.costs = costs
 
-    def __call__(self, batch, layers: list[int] = ()):
-        """(logits [N, V] at the response positions, {layer: (input, output)} of the 0-based `layers`)."""
+    def __call__(self, batch, layers: list[int] = (), logits: bool = True):
+        """(logits [N, V] at the response positions, or None without `logits`; {layer: (input, output)} of the
+        0-based `layers`)."""
         import torch
 
         from pkt_bench.finetune import response_logits
         from pkt_bench.layers import tap
 
         with torch.no_grad(), tap(self.model, list(layers)) as seen:
-            logits, _ = response_logits(self.model, batch)
+            if logits:
+                logits, _ = response_logits(self.model, batch)
+            else:
+                self.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False)
+                logits = None
         for name, value in (("teacher_forward", len(batch["input_ids"])),
                             ("teacher_tokens", int(batch["attention_mask"].sum()))):
             self.costs[name] = self.costs.get(name, 0) + value

@@ -4,9 +4,9 @@ so every method gets the same data, steps and schedule under one `Budget`.
 Loss is cross-entropy on response tokens only, averaged over all response tokens of an optimizer step (so
 gradient accumulation gives the same step as one big batch). A method may pass its own `objective(model, batch)`
 returning a loss summed over the micro-batch's response tokens (distillation adds teacher terms); an objective
-that is a `torch.nn.Module` (a learned projection) has its trainable parameters in the optimizer too. AdamW, linear warmup then linear decay, gradient
-clipping, seeded shuffling. The model is trained in the dtype it was loaded in (bf16 on CUDA by default); PEFT
-keeps adapter weights in fp32.
+that is a `torch.nn.Module` (a learned projection) has its trainable parameters in the optimizer too. AdamW,
+linear warmup then linear decay, gradient clipping, seeded shuffling. The model is trained in the dtype it was
+loaded in (bf16 on CUDA by default); PEFT keeps adapter weights in fp32.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import test_baselines
 from helpers import REPO, cli
 from test_kd import BUDGET, context
 
@@ -155,7 +156,39 @@ def test_semalign_kd_hidden_kd_beside_lora_on_one_leaderboard(pico_pair, tmp_pat
     found = records(tmp_path)
     assert set(found) == {"student", "teacher", *methods}
     assert {found[m]["costs"]["optimizer_steps"] for m in methods} == {2}
-    assert all(found[m]["costs"]["teacher_forward"] >= 8 for m in methods[1:]) and "teacher_forward" not in found["lora"]["costs"]
+    assert all(found[m]["costs"]["teacher_forward"] >= 8 for m in methods[1:])
+    assert "teacher_forward" not in found["lora"]["costs"]
     board = cli("leaderboard", "--results", str(tmp_path), "--format", "csv", "--cost")
     assert board.returncode == 0, board.stderr
     assert {row.split(",")[0] for row in board.stdout.splitlines()[1:]} >= set(methods)
+
+
+def test_objectives_in_bf16_match_fp32(tiny_models):
+    """Every new objective on a bf16 pair (the CUDA default) gives the fp32 value to bf16 precision."""
+    from pkt_bench.finetune import encode
+    from pkt_bench.methods.hidden_kd import hidden_objective
+    from pkt_bench.methods.kd import Distillation
+    from pkt_bench.methods.semalign.objectives import Cosine
+
+    values = {}
+    for dtype in ("float32", "bfloat16"):
+        student, tokenizer = load_model(str(tiny_models["llama-student"]), "cpu", dtype)
+        teacher = OnlineTeacher(load_model(str(tiny_models["llama-teacher"]), "cpu", dtype)[0], {})
+        rows = [encode(e, tokenizer, 64) for e in test_baselines.CountingTask().transfer_data("train")[:2]]
+        batch = {"input_ids": torch.tensor([r[0] for r in rows]), "labels": torch.tensor([r[1] for r in rows])}
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        bases = {w: semantic_bases(head(tiny_models, f"llama-{w}")) for w in ("teacher", "student")}
+        matrix = transfer_matrix(bases["teacher"], bases["student"])
+        sources = window_sources([1.0, 2.0, 3.0], 2)
+        out_head = student.get_output_embeddings().weight.detach()
+        objectives = {
+            "kd": Distillation(teacher, 0.5, 2.0, 60),
+            "hidden-kd": hidden_objective(teacher, 3, 2, 64, 32, 1.0, 0, "cpu"),
+            "v1": Cosine(teacher, {2: (2, 3, 0.5)}, matrix),
+            "geometry": Frontier(teacher, sources, matrix, "geometry", out_head, 60, 1.0, 2, 1),
+            "fisher": Frontier(teacher, sources, matrix, "fisher", out_head, 60, 1.0, 2, 1),
+        }
+        with torch.no_grad():
+            values[dtype] = {name: objective(student, batch).item() for name, objective in objectives.items()}
+    for name, exact in values["float32"].items():
+        assert exact > 0 and values["bfloat16"][name] == pytest.approx(exact, rel=5e-2), name

@@ -80,7 +80,8 @@ class SemAlign:
         vocab = shared_vocab(ctx.pair)
         with ctx.stage("extract"):
             scores = self.scores(ctx)
-            bases = {which: load_file(self.bases(ctx, which, vocab) / BASES)["bases"] for which in ("teacher", "student")}
+            bases = {which: load_file(self.bases(ctx, which, vocab) / BASES)["bases"]
+                     for which in ("teacher", "student")}
         lora = LoRA(c)
         model, tokenizer = lora.initialize(ctx)
         device = next(model.parameters()).device

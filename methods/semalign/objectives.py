@@ -106,7 +106,7 @@ class Cosine:
         keep = batch["attention_mask"].bool()
         with tap(model, [k - 1 for k in self.pairs]) as seen:
             logits, targets = response_logits(model, batch)
-        _, states = self.teacher(batch, teacher_layers(list(self.pairs.values())))
+        _, states = self.teacher(batch, teacher_layers(list(self.pairs.values())), logits=False)
         layer = torch.stack([1 - F.cosine_similarity(residual(seen, k - 1)[keep].float(),
                                                      supervisory_residual(states, source, self.matrix)[keep], dim=-1
                                                      ).mean() for k, source in self.pairs.items()]).mean()
