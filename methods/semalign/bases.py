@@ -16,15 +16,25 @@ from __future__ import annotations
 import torch
 
 
-def pseudo_inverse(head: torch.Tensor) -> torch.Tensor:
-    """W⁺ [D, V] of an LM head [V, D], through an fp64 SVD."""
-    return torch.linalg.pinv(head.double()).float()
+def pseudo_inverse(head: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """W⁺ [D, V] of an LM head W [V, D], as (WᵀW)⁺ Wᵀ (an identity for every W) in fp64, returned in fp32.
+
+    Only the [D, D] Gram matrix is inverted, and W is read in row chunks, so a 152k-token head needs about the
+    fp32 result in memory rather than an SVD of the whole head in fp64.
+    """
+    rows = range(0, head.shape[0], chunk)
+    gram = sum(head[i : i + chunk].double().T @ head[i : i + chunk].double() for i in rows)  # [D, D]
+    inverse_gram = torch.linalg.pinv(gram, hermitian=True)
+    inverse = torch.empty(head.shape[1], head.shape[0], dtype=torch.float32, device=head.device)
+    for i in rows:
+        inverse[:, i : i + chunk] = inverse_gram @ head[i : i + chunk].double().T
+    return inverse
 
 
 def semantic_bases(head: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """S [D, V]: the columns of W⁺ at unit L2 norm (a column that is ~0, an unused token's, stays 0)."""
     inverse = pseudo_inverse(head)
-    return inverse / inverse.norm(dim=0, keepdim=True).clamp_min(eps)
+    return inverse.div_(inverse.norm(dim=0, keepdim=True).clamp_min(eps))
 
 
 def decompose(hidden: torch.Tensor, bases: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
