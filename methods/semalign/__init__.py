@@ -86,7 +86,8 @@ class SemAlign:
         model, tokenizer = lora.initialize(ctx)
         device = next(model.parameters()).device
         teacher = OnlineTeacher(ctx.pair.load("teacher")[0], ctx.costs)
-        matrix = transfer_matrix(bases["teacher"], bases["student"]).to(device)
+        matrix = transfer_matrix(bases["teacher"].to(device), bases["student"].to(device))
+        del bases
         n_student = model.get_base_model().config.num_hidden_layers
         train = ctx.examples("train", ctx.budget.examples)
         if c.objective == "v1":

@@ -48,5 +48,6 @@ def recompose(coefficients: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
 
 
 def transfer_matrix(teacher_bases: torch.Tensor, student_bases: torch.Tensor) -> torch.Tensor:
-    """M = S_T S_Sᵀ [D_T, D_S], so that recompose(decompose(h_T, S_T), S_S) = (h_T / ‖h_T‖) M."""
-    return (teacher_bases.double() @ student_bases.double().T).float()
+    """M = S_T S_Sᵀ [D_T, D_S], so that recompose(decompose(h_T, S_T), S_S) = (h_T / ‖h_T‖) M (fp32, on the bases'
+    device: one [D_T, V] × [V, D_S] product)."""
+    return teacher_bases.float() @ student_bases.float().T

@@ -132,7 +132,7 @@ class Frontier:
 
     def stage(self, step: int) -> int:
         """The 1-based frontier layer at optimizer step `step` (0-based)."""
-        return step * len(self.sources) // self.total_steps + 1
+        return min(step * len(self.sources) // self.total_steps + 1, len(self.sources))
 
     def __call__(self, model, batch):
         k = self.stage(self.calls // self.grad_accum)
