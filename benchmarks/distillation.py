@@ -44,7 +44,7 @@ def main() -> None:
     from pkt_bench.finetune import _collate, cross_entropy, encode
     from pkt_bench.methods.hidden_kd import hidden_objective
     from pkt_bench.methods.kd import Distillation, OnlineTeacher
-    from pkt_bench.methods.semalign.objectives import Cosine, Frontier
+    from pkt_bench.methods.semalign.objectives import Cosine, Frontier, OnlineTargets
     from pkt_bench.methods.semalign.pairing import window_sources
     from pkt_bench.models import LINEAR_MODULES, load_model
     from pkt_bench.tasks.gsm8k import GSM8K
@@ -62,13 +62,14 @@ def main() -> None:
     teacher = OnlineTeacher(teacher_model, costs)
     matrix = torch.randn(t.hidden_size, s.hidden_size) / t.hidden_size**0.5
     sources = window_sources([0.0] * t.num_hidden_layers, s.num_hidden_layers)
+    last = {s.num_hidden_layers: sources[s.num_hidden_layers]}
     head = student.get_base_model().get_output_embeddings().weight.detach()
     objectives = {
         "lora (CE)": cross_entropy,
         "kd": Distillation(teacher, 0.5, 2.0, vocab),
         "hidden-kd": hidden_objective(teacher, t.num_hidden_layers, s.num_hidden_layers, t.hidden_size,
                                       s.hidden_size, 1.0, 0, "cpu"),
-        "semalign v1": Cosine(teacher, {s.num_hidden_layers: sources[s.num_hidden_layers]}, matrix),
+        "semalign v1": Cosine(OnlineTargets(teacher, last, matrix), last),
         # a schedule longer than the run: frontier = layer 1, the dearest stage (the backward reaches every layer)
         "semalign geometry": Frontier(teacher, sources, matrix, "geometry", head, vocab, 1.0, 10**6, 1),
         "semalign fisher": Frontier(teacher, sources, matrix, "fisher", head, vocab, 1.0, 10**6, 1),

@@ -46,9 +46,9 @@ def hidden_objective(teacher: OnlineTeacher, n_teacher: int, n_student: int, d_t
 
         def forward(self, model, batch):
             keep = batch["attention_mask"].bool()
+            _, states = teacher(batch, [t for _, t in self.pairs], logits=False)
             with tap(model, [s for s, _ in self.pairs]) as student:
                 logits, targets = response_logits(model, batch)
-            _, states = teacher(batch, [t for _, t in self.pairs], logits=False)
             ce = F.cross_entropy(logits.float(), targets, reduction="sum")
             hidden = sum(F.mse_loss(student[s][1][keep].float(), projection(states[t][1][keep].float()))
                          for (s, t), projection in zip(self.pairs, self.projections)) / len(self.pairs)

@@ -88,8 +88,8 @@ class Distillation:
 
         from pkt_bench.finetune import response_logits
 
+        teacher_logits, _ = self.teacher(batch)  # first: its activations are gone before the student's graph exists
         logits, targets = response_logits(model, batch)
-        teacher_logits, _ = self.teacher(batch)
         ce = F.cross_entropy(logits.float(), targets, reduction="sum")
         kl = kl_divergence(teacher_logits[:, : self.vocab], logits[:, : self.vocab], self.temperature)
         return (1 - self.beta) * ce + self.beta * self.temperature**2 * kl

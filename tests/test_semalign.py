@@ -10,6 +10,7 @@ import test_baselines
 from helpers import REPO, cli
 from test_kd import BUDGET, context
 
+from pkt_bench.api import UserError
 from pkt_bench.layers import depth_map, interpolation, student_layer_for
 from pkt_bench.methods.kd import OnlineTeacher, kl_divergence
 from pkt_bench.methods.lora import LoRA
@@ -139,6 +140,23 @@ def test_v1_trains_the_attributed_layer_only_and_fisher_runs(tiny_models, tmp_pa
     assert ctx.costs["optimizer_steps"] == Budget(**BUDGET).optimizer_steps(8) and ctx.costs["teacher_forward"] > 16
 
 
+def test_v1_targets_precomputed_once_per_example_train_the_same_adapter(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    adapters, costs = {}, {}
+    for how in ("online", "precomputed"):
+        ctx = context(tiny_models, tmp_path / how, "qwen2", **BUDGET)
+        torch.manual_seed(0)
+        artifact = SemAlign(SemAlignConfig(rank=4, objective="v1", teacher_targets=how)).transfer(ctx)
+        adapters[how], costs[how] = load_file(f"{artifact.path}/adapter_model.safetensors"), ctx.costs
+    assert all(torch.allclose(adapters["online"][k], v, atol=1e-5) for k, v in adapters["precomputed"].items())
+    assert any(v.any() for k, v in adapters["online"].items() if "lora_B" in k)
+    seeds = costs["online"]["teacher_backward"]  # attribution: one forward and backward per seed example
+    assert costs["online"]["teacher_forward"] - seeds == 16 and costs["precomputed"]["teacher_forward"] - seeds == 8
+    with pytest.raises(UserError, match="needs objective=v1"):
+        SemAlignConfig(teacher_targets="precomputed")
+
+
 def records(results):
     return {r["method"]: r for r in (json.loads(p.read_text()) for p in (results / "records").glob("*.json"))}
 
@@ -168,7 +186,7 @@ def test_objectives_in_bf16_match_fp32(tiny_models):
     from pkt_bench.finetune import encode
     from pkt_bench.methods.hidden_kd import hidden_objective
     from pkt_bench.methods.kd import Distillation
-    from pkt_bench.methods.semalign.objectives import Cosine
+    from pkt_bench.methods.semalign.objectives import Cosine, OnlineTargets
 
     values = {}
     for dtype in ("float32", "bfloat16"):
@@ -184,7 +202,7 @@ def test_objectives_in_bf16_match_fp32(tiny_models):
         objectives = {
             "kd": Distillation(teacher, 0.5, 2.0, 60),
             "hidden-kd": hidden_objective(teacher, 3, 2, 64, 32, 1.0, 0, "cpu"),
-            "v1": Cosine(teacher, {2: (2, 3, 0.5)}, matrix),
+            "v1": Cosine(OnlineTargets(teacher, {2: (2, 3, 0.5)}, matrix), {2: (2, 3, 0.5)}),
             "geometry": Frontier(teacher, sources, matrix, "geometry", out_head, 60, 1.0, 2, 1),
             "fisher": Frontier(teacher, sources, matrix, "fisher", out_head, 60, 1.0, 2, 1),
         }

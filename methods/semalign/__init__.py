@@ -47,14 +47,40 @@ class SemAlignConfig(LoRAConfig):
     temperature: float = field(default=1.0, metadata={"help": "final: temperature of the output KL"})
     attribution_examples: int = field(default=0, metadata={
         "help": "seed examples the attribution averages over; 0: all of them"})
+    teacher_targets: str = field(default="online", metadata={
+        "help": "online (the teacher runs on every micro-batch) or, for v1, precomputed (once per example ahead of "
+                "training, then the teacher is freed)"})
 
     def __post_init__(self) -> None:
         if self.objective not in ("final", "v1"):
             raise UserError(f"semalign option 'objective' must be final or v1, got {self.objective!r}")
         if self.layer_loss not in ("geometry", "fisher"):
             raise UserError(f"semalign option 'layer_loss' must be geometry or fisher, got {self.layer_loss!r}")
+        if self.teacher_targets not in ("online", "precomputed"):
+            raise UserError(f"semalign option 'teacher_targets' must be online or precomputed, got "
+                            f"{self.teacher_targets!r}")
+        if self.teacher_targets == "precomputed" and self.objective != "v1":
+            raise UserError("semalign teacher_targets=precomputed needs objective=v1: the final version's output KL "
+                            "needs the teacher's logits over the whole vocabulary for every token")
         if self.critical_layers < 1 or self.attribution_examples < 0 or not self.temperature > 0:
             raise UserError("semalign needs critical_layers >= 1, attribution_examples >= 0 and temperature > 0")
+
+
+def batches(examples, tokenizer, budget, device) -> list[dict]:
+    """The examples as the loop encodes them, right-padded in micro-batches of the budget's size."""
+    import torch
+
+    from pkt_bench.finetune import encode
+
+    rows = [encode(e, tokenizer, budget.max_length) for e in examples]
+    out = []
+    for start in range(0, len(rows), budget.batch_size):
+        chunk = rows[start : start + budget.batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r, _ in chunk], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in chunk], device=device)
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
 
 
 @register_method("semalign")
@@ -73,7 +99,7 @@ class SemAlign:
         from pkt_bench.methods.kd import OnlineTeacher, shared_vocab
 
         from .bases import transfer_matrix
-        from .objectives import Cosine, Frontier, train_only
+        from .objectives import Cosine, Frontier, OnlineTargets, StoredTargets, train_only
         from .pairing import critical_pairs, window_sources
 
         c = self.config
@@ -93,7 +119,12 @@ class SemAlign:
         if c.objective == "v1":
             pairs = critical_pairs(scores, n_student, c.critical_layers, c.interpolate)
             train_only(model, {k - 1 for k in pairs})
-            objective = Cosine(teacher, pairs, matrix)
+            targets = OnlineTargets(teacher, pairs, matrix)
+            if c.teacher_targets == "precomputed":
+                with ctx.stage("extract"):
+                    targets = StoredTargets(targets, batches(train, tokenizer, ctx.budget, device))
+                del teacher  # the stored targets hold all the student needs from it
+            objective = Cosine(targets, pairs)
         else:
             pairs = window_sources(scores, n_student)
             head = model.get_base_model().get_output_embeddings().weight.detach()

@@ -96,20 +96,52 @@ def fisher_loss(student: torch.Tensor, target: torch.Tensor, head: torch.Tensor)
     return 0.5 * ((p * delta**2).sum(-1) - (p * delta).sum(-1) ** 2).mean()
 
 
-class Cosine:
-    """v1: cosine layer loss on the paired student layers plus the cosine output loss against the labels."""
+class OnlineTargets:
+    """v1's supervisory residuals {k: R̃ [B, T, D_S]} of a batch, from the teacher run on it."""
 
     def __init__(self, teacher: OnlineTeacher, pairs: dict[int, Source], matrix: torch.Tensor):
         self.teacher, self.pairs, self.matrix = teacher, pairs, matrix
 
+    def __call__(self, batch) -> dict[int, torch.Tensor]:
+        _, states = self.teacher(batch, teacher_layers(list(self.pairs.values())), logits=False)
+        return {k: supervisory_residual(states, source, self.matrix) for k, source in self.pairs.items()}
+
+
+class StoredTargets:
+    """v1's supervisory residuals computed ahead of training, micro-batch by micro-batch, once per example (not
+    once per epoch), and kept on the CPU by token ids; the teacher is not needed while the student trains."""
+
+    def __init__(self, targets: OnlineTargets, batches: list[dict[str, torch.Tensor]]):
+        self.table: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}
+        for batch in batches:
+            found = targets(batch)
+            for row, (ids, keep) in enumerate(zip(batch["input_ids"], batch["attention_mask"].bool())):
+                self.table[tuple(ids[keep].tolist())] = {k: t[row][keep].cpu() for k, t in found.items()}
+
+    def __call__(self, batch) -> dict[int, torch.Tensor]:
+        rows = [self.table[tuple(ids[keep].tolist())]
+                for ids, keep in zip(batch["input_ids"], batch["attention_mask"].bool())]
+        out = {}
+        for k, first in rows[0].items():
+            out[k] = torch.zeros(*batch["input_ids"].shape, first.shape[-1], device=batch["input_ids"].device)
+            for i, row in enumerate(rows):
+                out[k][i, : len(row[k])] = row[k]  # the loop pads on the right
+        return out
+
+
+class Cosine:
+    """v1: cosine layer loss on the paired student layers plus the cosine output loss against the labels."""
+
+    def __init__(self, targets: OnlineTargets | StoredTargets, pairs: dict[int, Source]):
+        self.targets, self.pairs = targets, pairs
+
     def __call__(self, model, batch):
         keep = batch["attention_mask"].bool()
+        goals = self.targets(batch)
         with tap(model, [k - 1 for k in self.pairs]) as seen:
             logits, targets = response_logits(model, batch)
-        _, states = self.teacher(batch, teacher_layers(list(self.pairs.values())), logits=False)
-        layer = torch.stack([1 - F.cosine_similarity(residual(seen, k - 1)[keep].float(),
-                                                     supervisory_residual(states, source, self.matrix)[keep], dim=-1
-                                                     ).mean() for k, source in self.pairs.items()]).mean()
+        layer = torch.stack([1 - F.cosine_similarity(residual(seen, k - 1)[keep].float(), goals[k][keep], dim=-1
+                                                     ).mean() for k in self.pairs]).mean()
         logits = logits.float()
         output = (1 - logits.gather(1, targets[:, None]).squeeze(1) / logits.norm(dim=-1).clamp_min(1e-8)).sum()
         return layer * len(targets) + output
@@ -141,9 +173,9 @@ class Frontier:
             train_only(model, {k - 1})
             self.frontier = k
         keep = batch["attention_mask"].bool()
+        teacher_logits, states = self.teacher(batch, teacher_layers([self.sources[k]]))
         with tap(model, [k - 1]) as seen:
             logits, targets = response_logits(model, batch)
-        teacher_logits, states = self.teacher(batch, teacher_layers([self.sources[k]]))
         student, target = residual(seen, k - 1), supervisory_residual(states, self.sources[k], self.matrix)
         if self.layer_loss == "geometry":
             layer = geometry_loss(student, target, keep)
