@@ -175,18 +175,20 @@ class TransferContext:
 
         return cached(self, kind, identity, build)
 
-    def finetune(self, model: Any, tokenizer: Any, examples: list[Example] | None = None) -> TrainStats:
+    def finetune(self, model: Any, tokenizer: Any, examples: list[Example] | None = None,
+                 objective: Callable[[Any, dict], Any] | None = None) -> TrainStats:
         """Train `model`'s trainable parameters (a PEFT model) with the shared loop, under the run's budget.
 
         `examples` defaults to the budget's sample of the task's train data; a method that rewrites the responses
-        (distillation) passes its own, at most as many.
+        (distillation) passes its own, at most as many. `objective(model, batch)` replaces the cross-entropy: see
+        `pkt_bench.finetune`.
         """
         from pkt_bench.finetune import finetune
 
         if examples is None:
             examples = self.examples("train", self.budget.examples)
         with self.stage("fine-tune"):
-            stats = finetune(model, tokenizer, examples[: self.budget.examples], self.budget, self.seed)
+            stats = finetune(model, tokenizer, examples[: self.budget.examples], self.budget, self.seed, objective)
         self.costs["examples_seen"] = self.costs.get("examples_seen", 0) + stats.examples_seen
         self.costs["optimizer_steps"] = self.costs.get("optimizer_steps", 0) + stats.optimizer_steps
         return stats

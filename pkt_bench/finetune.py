@@ -2,9 +2,11 @@
 so every method gets the same data, steps and schedule under one `Budget`.
 
 Loss is cross-entropy on response tokens only, averaged over all response tokens of an optimizer step (so
-gradient accumulation gives the same step as one big batch). AdamW, linear warmup then linear decay, gradient
-clipping, seeded shuffling. The model is trained in the dtype it was loaded in (bf16 on CUDA by default); PEFT
-keeps adapter weights in fp32.
+gradient accumulation gives the same step as one big batch). A method may pass its own `objective(model, batch)`
+returning a loss summed over the micro-batch's response tokens (distillation adds teacher terms); an objective
+that is a `torch.nn.Module` (a learned projection) has its trainable parameters in the optimizer too. AdamW,
+linear warmup then linear decay, gradient clipping, seeded shuffling. The model is trained in the dtype it was
+loaded in (bf16 on CUDA by default); PEFT keeps adapter weights in fp32.
 """
 
 from __future__ import annotations
@@ -51,8 +53,25 @@ def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> di
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: int) -> TrainStats:
-    """Train the trainable parameters of `model` on `examples` under `budget`."""
+def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, V] at the N positions that predict a response token, those tokens [N]); the LM head runs on
+    those positions only."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state  # [B, T, D]
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    return causal.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep]
+
+
+def cross_entropy(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The default objective: next-token cross-entropy summed over the batch's response tokens."""
+    logits, targets = response_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: int, objective=None) -> TrainStats:
+    """Train the trainable parameters of `model` (and of an `nn.Module` objective) on `examples` under `budget`."""
     assert examples, "the task handed out no train examples"
     torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -67,7 +86,10 @@ def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: in
     steps = [micro_batches[i : i + budget.grad_accum] for i in range(0, len(micro_batches), budget.grad_accum)]
     assert len(steps) == budget.optimizer_steps(len(rows))
 
+    objective = objective or cross_entropy
     params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(objective, torch.nn.Module):
+        params += [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=budget.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(budget.warmup_ratio * len(steps)), len(steps))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -82,10 +104,7 @@ def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: in
             total = 0.0
             for batch in group:
                 inputs = _collate(batch, pad_id, device)
-                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-                loss = torch.nn.functional.cross_entropy(  # next-token loss, summed, then / tokens in the step
-                    logits[:, :-1].flatten(0, 1).float(), inputs["labels"][:, 1:].flatten(), reduction="sum"
-                ) / max(n_tokens, 1)
+                loss = objective(model, inputs) / max(n_tokens, 1)  # summed over response tokens, / the step's
                 loss.backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(params, budget.max_grad_norm)
