@@ -210,8 +210,7 @@ def test_qwen2_pair_with_gqa_other_head_sizes_and_tied_embeddings_runs_through(t
         else:
             assert torch.equal(p, fused_params[name]), name
     assert ctx.costs["teacher_forward"] == 3 and ctx.costs["translator_steps"] == 2
-    assert ctx.costs["teacher_tokens"] == sum(len(locate.answer_ids(e, pair.load("teacher")[1])) - 1
-                                              for e in Words().transfer_data("seed")[:3])
+    assert ctx.costs["teacher_tokens"] == ctx.costs["student_tokens"] > 3 * 4  # each example is 5+ tokens
 
 
 def test_bad_options_say_what_is_wrong():
