@@ -341,6 +341,8 @@ class SafetensorsWriter:
 @register_method("sensitivity")
 @register_method("teacher-random", block="random-block")
 @register_method("random-init", init="random")
+@register_method("sensitivity-paper", embeddings=True,
+                 description="sensitivity as Seeking's train.sh: embed_tokens and lm_head too (use --budget seeking)")
 class Sensitivity:
     description = "sensitivity-based PKT: teacher blocks of max |θ·∂L/∂θ|, SVD into the student's LoRA init"
     reference = "https://arxiv.org/abs/2310.11451"
@@ -351,7 +353,7 @@ class Sensitivity:
         self.config = config
 
     def transfer(self, ctx: TransferContext) -> Artifact:
-        identity = {k: v for k, v in asdict(self.config).items() if k not in ("dropout", "init")}
+        identity = {k: v for k, v in asdict(self.config).items() if k != "init"}  # dropout: in the saved config
         folder = ctx.cached("sensitivity", identity | {"max_length": ctx.budget.max_length},
                             lambda out: self.extract(ctx, out))
         for name in ("selection.json", "seeds.jsonl"):  # beside the artifact, so the record's folder says what moved
@@ -387,13 +389,28 @@ class Sensitivity:
                 base.copy_((base.float() - module.get_delta_weight("default").float()).to(base.dtype))
         return model
 
+    def seeds(self, ctx: TransferContext) -> list:
+        """`n_seeds` seed samples: the task's seed role, topped up from its train data when the role is short (the
+        Seeking paper's 32 seeds are a subset of its 1000 train examples); an error when both are short."""
+        c = self.config
+        seeds = ctx.examples("seed", c.n_seeds, seed=c.extract_seed)
+        if len(seeds) < c.n_seeds:
+            taken = {(e.prompt, e.response) for e in seeds}
+            more = [e for e in ctx.examples("train", seed=c.extract_seed) if (e.prompt, e.response) not in taken]
+            seeds += more[: c.n_seeds - len(seeds)]
+        if len(seeds) < c.n_seeds:
+            raise UserError(f"n_seeds={c.n_seeds} but task {ctx.task_name!r} has only {len(seeds)} seed and train "
+                            f"examples; lower -o n_seeds")
+        ctx.costs["seeds_scored"] = len(seeds)
+        return seeds
+
     def extract(self, ctx: TransferContext, out: Path) -> None:
         """Score, map, cut and factorize; write the extraction files into `out` (see the module docstring)."""
         import torch
         from peft import LoraConfig, get_peft_model
 
         c = self.config
-        seeds = ctx.examples("seed", c.n_seeds, seed=c.extract_seed)
+        seeds = self.seeds(ctx)
         with (out / "seeds.jsonl").open("w") as handle:
             for seed in seeds:
                 handle.write(json.dumps({"id": seed.id, "prompt": seed.prompt, "response": seed.response}) + "\n")
@@ -401,8 +418,8 @@ class Sensitivity:
         if c.embeddings:
             untie(student)
         targets = list(c.target_modules) + (list(EMBEDDINGS) if c.embeddings else [])
-        model = get_peft_model(student, LoraConfig(r=c.rank, lora_alpha=c.alpha, target_modules=targets,
-                                                   task_type="CAUSAL_LM"))
+        model = get_peft_model(student, LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                                                   target_modules=targets, task_type="CAUSAL_LM"))
         wanted = {key: module for key, module in _modules(model, targets)}
         shapes = {key: tuple(module.base_layer.weight.shape) for key, module in wanted.items()}
         with ctx.stage("extract"):
@@ -452,18 +469,19 @@ class Sensitivity:
             else:
                 blocks = {key: choose(key, None) for key in teacher_weights if key[1] in student_modules}
             mapping = layer_map(totals, model.config.num_hidden_layers, c.layer_map, c.extract_seed)
-        selection = {"layer_map": mapping, "layer_scores": totals if c.needs_scores else None,
+        selection = {"seeds_scored": len(seeds), "layer_map": mapping, "layer_scores": totals if c.needs_scores else None,
                      "block_strategy": c.block, "blocks": {}}
         with torch.no_grad():
             for (layer, name), module in wanted.items():
                 source = (mapping[layer] if layer is not None else None, name)
                 rows, cols = shapes[(layer, name)]
-                big_b, big_a = factorize(cut(teacher_weights[source].detach(), blocks[source], rows, cols), c.rank,
-                                         c.split, c.svd)
+                block = cut(teacher_weights[source].detach(), blocks[source], rows, cols)
                 if "default" in module.lora_embedding_A:  # PEFT embeddings: delta = (B·A)ᵀ, A [r, vocab], B [d, r]
-                    module.lora_embedding_A["default"].copy_(big_b.T)
-                    module.lora_embedding_B["default"].copy_(big_a.T)
+                    big_b, big_a = factorize(block.T, c.rank, c.split, c.svd)  # [d, vocab], Σ on B as upstream
+                    module.lora_embedding_A["default"].copy_(big_a)
+                    module.lora_embedding_B["default"].copy_(big_b)
                 else:
+                    big_b, big_a = factorize(block, c.rank, c.split, c.svd)
                     module.lora_A["default"].weight.copy_(big_a)
                     module.lora_B["default"].weight.copy_(big_b)
                 label = f"layers.{layer}.{name}" if layer is not None else name
