@@ -239,3 +239,27 @@ def test_n_seeds_beyond_the_seed_role_come_from_the_train_pool_or_stop(tiny_mode
     assert {s.id for s in ShortSeeds().transfer_data("seed")} < {s.id for s in seeds}
     with pytest.raises(UserError, match="n_seeds=40 but task 'short' has only 12 seed and train examples"):
         Sensitivity(SensitivityConfig(n_seeds=40)).seeds(ctx)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bf16_extraction_chooses_what_fp32_chooses(tiny_models, family, tmp_path):
+    """Scores are accumulated in fp32 from bf16 gradients: the layer map is fp32's and every block overlaps fp32's
+    block by >= 90% of its area."""
+    chosen = {}
+    for dtype in ("float32", "bfloat16"):
+        pair = ModelPair.resolve(str(tiny_models[f"{family}-teacher"]), str(tiny_models[f"{family}-student"]),
+                                 dtype=dtype)
+        ctx = TransferContext(pair, WordsTask(), Budget(), 0, tmp_path, StageMeter(), task_name="words")
+        (tmp_path / dtype).mkdir()
+        Sensitivity(SensitivityConfig(n_seeds=8, rank=2)).extract(ctx, tmp_path / dtype)
+        chosen[dtype] = json.loads((tmp_path / dtype / "selection.json").read_text())
+    full, half = chosen["float32"], chosen["bfloat16"]
+    assert half["layer_map"] == full["layer_map"]
+    student = AutoModelForCausalLM.from_pretrained(tiny_models[f"{family}-student"])
+    shapes = {name.removeprefix("model.").removesuffix(".weight").replace("self_attn.", "").replace("mlp.", ""):
+              p.shape for name, p in student.named_parameters()}
+    for label, block in full["blocks"].items():
+        rows, cols = shapes[label]
+        other = half["blocks"][label]
+        overlap = max(0, rows - abs(block["row"] - other["row"])) * max(0, cols - abs(block["col"] - other["col"]))
+        assert overlap >= 0.9 * rows * cols, (label, block, other)
