@@ -37,6 +37,8 @@ def cases(tiny, tmp):
         "missing spec file": (["run", "--config", str(tmp / "none.yaml")], "does not exist"),
         "unknown backend": (["run", "--backend", "vlm"], "unknown backend 'vlm'"),
         "bad dtype": (["run", "--dtype", "fp8"], "'dtype' must be one of"),
+        "unknown budget preset": (["run", "--budget", "seekng"], "unknown budget preset 'seekng'; presets: seeking"),
+        "unknown transfer format": (["run", "--transfer-format", "tulu"], "'transfer_format' must be one of auto"),
         "unknown format": (["leaderboard", "--format", "xml"], "unknown format 'xml'"),
         "missing plugin": (["list", "methods", "--plugin", str(tmp / "none.py")], "plugin file"),
     }
@@ -44,7 +46,8 @@ def cases(tiny, tmp):
 
 CASES = ["unknown method", "unknown task", "unknown method option", "missing folder", "folder without model",
          "family mismatch", "vocabulary mismatch", "probe on a foreign pair", "zero budget", "negative budget",
-         "malformed yaml", "missing spec file", "unknown backend", "bad dtype", "unknown format", "missing plugin"]
+         "malformed yaml", "missing spec file", "unknown backend", "bad dtype", "unknown budget preset",
+         "unknown transfer format", "unknown format", "missing plugin"]
 
 
 @pytest.mark.parametrize("case", CASES)
