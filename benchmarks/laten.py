@@ -146,17 +146,22 @@ def compare(args, seeds, n: dict[str, int]) -> None:
     started = time.perf_counter()  # the part of either form that does not depend on how many layers are scored
     locate.attribute_groups(model, tokenizer, groups, c.lens_norm, c.attn_values, layers=[])
     result["fixed_s"] = time.perf_counter() - started
-    same, diff = True, 0.0
+    same, diff, swapped, gap = True, 0.0, 0, 0.0
     for name in groups:
         a, b = scores["direct"][name], scores["factorized"][name]
         diff = max(diff, *((x - y).abs().max().item() for x, y in zip(a.tensors(), b.tensors())))
         for kind in ("ffn", "o", "v"):
             for layer in layers:
                 x, y = getattr(a, kind)[layer], getattr(b, kind)[layer]
-                same &= torch.equal(locate.top(x, n[kind]), locate.top(y, n[kind]))
+                old, new = locate.top(x, n[kind]), locate.top(y, n[kind])
+                same &= torch.equal(old, new)
+                # neurons chosen by one form only, and how far their direct score is from the direct threshold
+                only = set(old.tolist()) ^ set(new.tolist())
+                swapped += len(only)
+                gap = max([gap] + [abs(x[i] - x[old[-1]]).item() for i in only])
         same &= locate.top_layers(a.ffn_layers, args.student_layers) == locate.top_layers(b.ffn_layers,
                                                                                           args.student_layers)
-    result.update(same_selection=same, max_abs_diff=diff)
+    result.update(same_selection=same, max_abs_diff=diff, neurons_swapped=swapped, swap_gap=gap)
     print(json.dumps(result))
 
 
@@ -255,6 +260,9 @@ def print_comparison(args) -> None:
                   f"{full['direct'] / full['factorized']:.2f}")
     table.add_row("same selection on the timed layers and same FFN layer map", "", "", str(r["same_selection"]))
     table.add_row("max |score difference|", "", "", f"{r['max_abs_diff']:.2e}")
+    table.add_row("neurons chosen by one form only (all groups and kinds; same set, other order counts 0)", "", "",
+                  str(r["neurons_swapped"]))
+    table.add_row("their largest |direct score - direct selection's last score|", "", "", f"{r['swap_gap']:.2e}")
     Console(width=200).print(table)
 
 
