@@ -2,6 +2,7 @@
 
     python benchmarks/laten.py --teacher DIR --student DIR [--splits shared/data/laten_splits] [--data-dir shared/data/eval] [--examples 2]
         [--locate-layers 1] [--steps 2] [--align-batch 4]
+    python benchmarks/laten.py --teacher DIR --student DIR --compare-layers 14   # factorized vs direct locate
 
 Prints one table; every figure is a ratio against a baseline measured in the same run:
 - locate (`locate.attribute`: one forward pass, then the logit lens over every FFN neuron, o_proj column and
