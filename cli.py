@@ -31,6 +31,9 @@ TASK_OPTION = "--task-option num_fewshot=0"
 TaskOptions = Annotated[Optional[list[str]], typer.Option(
     "--task-option", "-T", help="task option KEY=VALUE (num_fewshot, chat_template, n_samples, temperature, "
                                 "transfer_dir, ...; see `pkt-bench list tasks --details`); repeatable")]
+TransferFormat = Annotated[Optional[str], typer.Option(
+    help="text the methods train on: auto (paper for the benchmark tasks, task for the probe), paper "
+         "(<|user|>/<|assistant|> as upstream), task (the task's prompt format) or chat_template (the tokenizer's)")]
 AllowCode = Annotated[bool, typer.Option("--allow-code-execution", help="let code tasks (humaneval, mbpp) run "
                                          "model-written programs, each in its own sandboxed process")]
 
@@ -124,6 +127,9 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(help="budget: examples per micro-batch")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="budget: micro-batches per optimizer step")] = None,
     lr: Annotated[Optional[float], typer.Option(help="budget: peak learning rate")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="budget preset setting every budget field: seeking or laten "
+                                                       "(the papers' recipes); the budget flags above override it")] = None,
+    transfer_format: TransferFormat = None,
     data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,
     backend: Annotated[Optional[str], typer.Option(help="generation backend: hf, vllm (adapters merged), vllm-lora "
                                                          "(adapters as LoRA requests)")] = None,
@@ -154,6 +160,7 @@ def run(
     spec = _flag_errors(
         spec, method=method, teacher=teacher, student=student, tasks=_names(task), seed=seed, data_dir=data_dir, backend=backend,
         dtype=dtype, device=device, limit=limit, references=references, eval_batch_size=eval_batch_size,
+        budget=budget, transfer_format=transfer_format,
         allow_code_execution=allow_code_execution or None, fit_context=fit_context or None,
         vllm_args={**spec.vllm_args, **engine_args(_options(vllm_arg, "--vllm-arg max_model_len=4096"))}
         if vllm_arg else None,
@@ -179,6 +186,7 @@ def extract(
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="method option KEY=VALUE; repeatable")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed (random choices use the method's extract_seed)")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="tokens per example, cut beyond")] = None,
+    transfer_format: TransferFormat = None,
     data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
@@ -190,6 +198,7 @@ def extract(
     spec = _flag_errors(
         RunSpec(), method=method, teacher=teacher, student=student, tasks=[task] if task else None, seed=seed,
         data_dir=data_dir, dtype=dtype, device=device, method_config=_options(option) if option else None,
+        transfer_format=transfer_format,
         task_options=_options(task_option, TASK_OPTION) if task_option else None,
         **{"budget.max_length": max_length},
     )

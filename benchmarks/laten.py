@@ -2,6 +2,7 @@
 
     python benchmarks/laten.py --teacher DIR --student DIR [--splits shared/data/laten_splits] [--data-dir shared/data/eval] [--examples 2]
         [--locate-layers 1] [--steps 2] [--align-batch 4]
+    python benchmarks/laten.py --teacher DIR --student DIR --compare-layers 14   # factorized vs direct locate
 
 Prints one table; every figure is a ratio against a baseline measured in the same run:
 - locate (`locate.attribute`: one forward pass, then the logit lens over every FFN neuron, o_proj column and
@@ -72,6 +73,8 @@ def child(mode: str, args) -> None:
     seeds = examples(args.splits, args.data_dir, "seed")
     pool = examples(args.splits, args.data_dir, "align")
     batches = [align.align_batch(seeds[i], pool, c.align_batch, SEED, i) for i in range(args.steps)]
+    if mode == "compare":
+        return compare(args, seeds, n)
     path = args.student if mode in ("backward", "align") else args.teacher
     config = AutoConfig.from_pretrained(path)
     if mode == "locate":  # the teacher cut to its first layers (see the module docstring)
@@ -120,6 +123,49 @@ def child(mode: str, args) -> None:
                       "losses": losses if mode == "align" else None}))
 
 
+def compare(args, seeds, n: dict[str, int]) -> None:
+    """Locate at the paper's GSM8K setting (4 step groups + 1 fusion group, one example each) on the full-depth
+    teacher, the neuron scores of `--compare-layers` only, once in the direct form (the lens on every candidate
+    vector, what `locate` computed before) and once factorized; prints times and whether the selections agree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pkt_bench.methods.laten import LaTenConfig, locate
+
+    c = LaTenConfig()
+    model = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    train = examples(args.splits, args.data_dir, "train")
+    groups = {f"step{i}": [seeds[i]] for i in range(4)} | {"fuse": [train[0]]}
+    layers = [int(x) for x in args.compare_layers.split(",")]
+    result = {"mode": "compare", "layers": layers, "depth": model.config.num_hidden_layers, "groups": len(groups)}
+    scores = {}
+    for form in ("direct", "factorized"):
+        started = time.perf_counter()
+        scores[form] = locate.attribute_groups(model, tokenizer, groups, c.lens_norm, c.attn_values, form=form,
+                                               layers=layers)
+        result[f"{form}_s"] = time.perf_counter() - started
+    started = time.perf_counter()  # the part of either form that does not depend on how many layers are scored
+    locate.attribute_groups(model, tokenizer, groups, c.lens_norm, c.attn_values, layers=[])
+    result["fixed_s"] = time.perf_counter() - started
+    same, diff, swapped, gap = True, 0.0, 0, 0.0
+    for name in groups:
+        a, b = scores["direct"][name], scores["factorized"][name]
+        diff = max(diff, *((x - y).abs().max().item() for x, y in zip(a.tensors(), b.tensors())))
+        for kind in ("ffn", "o", "v"):
+            for layer in layers:
+                x, y = getattr(a, kind)[layer], getattr(b, kind)[layer]
+                old, new = locate.top(x, n[kind]), locate.top(y, n[kind])
+                same &= torch.equal(old, new)
+                # neurons chosen by one form only, and how far their direct score is from the direct threshold
+                only = set(old.tolist()) ^ set(new.tolist())
+                swapped += len(only)
+                gap = max([gap] + [abs(x[i] - x[old[-1]]).item() for i in only])
+        same &= locate.top_layers(a.ffn_layers, args.student_layers) == locate.top_layers(b.ffn_layers,
+                                                                                          args.student_layers)
+    result.update(same_selection=same, max_abs_diff=diff, neurons_swapped=swapped, swap_gap=gap)
+    print(json.dumps(result))
+
+
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
@@ -137,8 +183,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="align steps")
     parser.add_argument("--align-batch", type=int, default=4, help="examples per align step (LaTen's align_batch)")
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--compare-layers", default="",
+                        help="instead of the table: time the direct and the factorized locate on these teacher "
+                             "layers (comma-separated) at the paper's 5 examples, full depth, and compare selections")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--vectors", help=argparse.SUPPRESS)
+    parser.add_argument("--student-layers", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args)
@@ -146,6 +196,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if args.compare_layers:
+        return print_comparison(args)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("forward", "locate", "backward", "align"):
@@ -179,6 +231,39 @@ def main() -> None:
     for label, run in (("plain teacher forward", fwd), ("align steps", ali), ("plain student forward+backward", bwd)):
         table.add_row(f"peak RSS during {label}, weights included / weight bytes", f"{run['peak_mb']:,.0f} MB",
                       f"{run['weight_mb']:,.0f} MB", f"{run['peak_mb'] / run['weight_mb']:.2f}")
+    Console(width=200).print(table)
+
+
+def print_comparison(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import AutoConfig
+
+    command = [sys.executable, __file__, "--child", "compare"] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "vectors", "student_layers")]
+    command.append(f"--student-layers={AutoConfig.from_pretrained(args.student).num_hidden_layers}")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"compare failed:\n{done.stderr[-3000:]}")
+    r = json.loads(done.stdout.splitlines()[-1])
+    k, depth = len(r["layers"]), r["depth"]
+    per_layer = {form: (r[f"{form}_s"] - r["fixed_s"]) / k for form in ("direct", "factorized")}
+    full = {form: r["fixed_s"] + per_layer[form] * depth for form in per_layer}
+    table = Table(title=f"LaTen locate, {Path(args.teacher).name}, fp32 on CPU, {torch.get_num_threads()} threads; "
+                        f"{r['groups']} groups of 1 GSM example (4 steps + fusion), neuron scores of layers "
+                        f"{r['layers']} timed, × {depth}/{k} for the full depth")
+    for column in ("measurement", "direct (before)", "factorized", "ratio"):
+        table.add_column(column)
+    table.add_row(f"neuron scores, per layer ({k} timed)", f"{per_layer['direct']:,.1f} s",
+                  f"{per_layer['factorized']:,.1f} s", f"{per_layer['direct'] / per_layer['factorized']:.2f}")
+    table.add_row(f"whole locate, extrapolated (forwards and layer scores: {r['fixed_s']:.0f} s)",
+                  f"{full['direct']:,.0f} s", f"{full['factorized']:,.0f} s",
+                  f"{full['direct'] / full['factorized']:.2f}")
+    table.add_row("same selection on the timed layers and same FFN layer map", "", "", str(r["same_selection"]))
+    table.add_row("max |score difference|", "", "", f"{r['max_abs_diff']:.2e}")
+    table.add_row("neurons chosen by one form only (all groups and kinds; same set, other order counts 0)", "", "",
+                  str(r["neurons_swapped"]))
+    table.add_row("their largest |direct score - direct selection's last score|", "", "", f"{r['swap_gap']:.2e}")
     Console(width=200).print(table)
 
 

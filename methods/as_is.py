@@ -26,6 +26,7 @@ class AsIs:
     reference = ""
     Config = AsIsConfig
     fine_tunes = False
+    uses_transfer_data = False  # so the transfer format is no part of its cell: one reference for all formats
 
     def __init__(self, config: AsIsConfig):
         self.config = config

@@ -151,16 +151,25 @@ class TransferContext:
     data_dir: str | None = None
     cache_dir: Path | None = None
     backend: str = "hf"
+    transfer_format: str = "task"  # resolved (pkt_bench.formats): how `examples` writes the task's examples out
 
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time a stage ("extract", "fine-tune", ...) with its peak memory; the rest counts as "transfer"."""
         return self.meter.stage(name)
 
     def examples(self, role: str, n: int | None = None, seed: int | None = None) -> list[Example]:
-        """`n` examples of `role` (all when None), a sample fixed by `seed` (default: the run's seed)."""
+        """`n` examples of `role` (all when None), a sample fixed by `seed` (default: the run's seed), written in
+        the run's transfer format."""
         from pkt_bench.data import sample
+        from pkt_bench.formats import render
 
-        return sample(self.task.transfer_data(role), n, self.seed if seed is None else seed)
+        tokenizer = None
+        if self.transfer_format == "chat_template":
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.pair.student.path)
+        chosen = sample(self.task.transfer_data(role), n, self.seed if seed is None else seed)
+        return [render(example, self.transfer_format, tokenizer) for example in chosen]
 
     def cached(self, kind: str, identity: dict[str, Any], build: Callable[[Path], None]) -> Path:
         """The folder `build(folder)` fills, built once per content hash and reused afterwards.

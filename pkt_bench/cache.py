@@ -29,6 +29,7 @@ def cache_identity(ctx: TransferContext, kind: str, identity: dict[str, Any]) ->
         "teacher": ctx.pair.teacher.identity, "student": ctx.pair.student.identity,
         "device_type": ctx.pair.device.split(":")[0], "dtype": ctx.pair.dtype,
         "task": ctx.task_name, "task_version": ctx.task.version, "data_dir": ctx.data_dir,
+        "transfer_format": ctx.transfer_format,
     }
 
 

@@ -47,6 +47,13 @@ class Cell:
     task_name: str
     task: Task
 
+    @property
+    def transfer_format(self) -> str:
+        """The spec's transfer format resolved for this task (`auto` -> `paper` or `task`)."""
+        from pkt_bench.formats import resolve
+
+        return resolve(self.spec.transfer_format, self.task)
+
     def describe(self) -> dict[str, Any]:
         cell = {
             "method": self.method.name, "method_config": dataclasses.asdict(self.config),
@@ -62,6 +69,8 @@ class Cell:
             cell["vllm_args"] = engine
         if self.method.cls.fine_tunes:
             cell["budget"] = dataclasses.asdict(self.spec.budget)
+        if getattr(self.method.cls, "uses_transfer_data", True):
+            cell["transfer_format"] = self.transfer_format
         return cell
 
     @property
@@ -96,7 +105,18 @@ def plan(spec: RunSpec) -> list[Cell]:
             raise UserError(f"task {task_name!r} generates up to {needed} tokens, but the pair's context holds "
                             f"{context}; pick a pair with a longer context, or pass --fit-context to cut generation "
                             f"to half the context (recorded)")
-    return [Cell(method, config, spec, pair, task_name, task) for task_name, task in tasks]
+    cells = [Cell(method, config, spec, pair, task_name, task) for task_name, task in tasks]
+    _check_format({cell.transfer_format for cell in cells}, pair)
+    return cells
+
+
+def _check_format(formats: set[str], pair: ModelPair) -> None:
+    if "chat_template" in formats:
+        from transformers import AutoTokenizer
+
+        from pkt_bench.formats import check
+
+        check("chat_template", AutoTokenizer.from_pretrained(pair.student.path))
 
 
 def check_records(cells: list[Cell], store: ResultStore, force: bool) -> None:
@@ -136,7 +156,8 @@ def _run_cells(cells: list[Cell], spec: RunSpec, store: ResultStore, force: bool
             b = spec.budget
             n = min(b.examples, len(task.transfer_data("train")))
             console.print(f"  budget on {task_name}: {n} train examples x {b.epochs} epochs, batch {b.batch_size} x "
-                          f"accum {b.grad_accum} -> {b.optimizer_steps(n)} optimizer steps at lr {b.lr:g}")
+                          f"accum {b.grad_accum} -> {b.optimizer_steps(n)} optimizer steps at lr {b.lr:g}, cutoff "
+                          f"{b.max_length}; transfer format {cell.transfer_format}")
         references = {}
         if spec.references:
             for name in REFERENCE_METHODS:
@@ -172,8 +193,13 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
     if hasattr(method.cls, "check"):
         method.cls(config).check(pair)
     task = make_task(task_entry, spec.data_dir, spec.task_options, spec.allow_code_execution)
+    from pkt_bench.formats import resolve
+
+    transfer_format = resolve(spec.transfer_format, task)
+    _check_format({transfer_format}, pair)
     console.print(f"[bold]pkt-bench extract[/]: method [cyan]{method.name}[/] on {task_entry.name}; teacher "
-                  f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype})")
+                  f"{pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); transfer "
+                  f"format {transfer_format}")
     from transformers import set_seed
 
     set_seed(spec.seed)
@@ -181,7 +207,7 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         ctx = TransferContext(pair, task, spec.budget, spec.seed, partial, StageMeter(), task_name=task_entry.name,
-                              data_dir=spec.data_dir)
+                              data_dir=spec.data_dir, transfer_format=transfer_format)
         method.cls(config).extract(ctx, partial)
         if out.exists():
             out.rmdir()
@@ -270,7 +296,7 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
     """Transfer, evaluate and store one cell, measuring its stages with `meter`."""
     ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
                           task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
-                          backend=cell.spec.backend)
+                          backend=cell.spec.backend, transfer_format=cell.transfer_format)
     started = time.perf_counter()
     with meter.stage("transfer"):
         artifact = cell.method.cls(cell.config).transfer(ctx)
@@ -286,6 +312,7 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
         "schema_version": SCHEMA_VERSION, "key": key, "cell": cell.describe(),
         "method": cell.method.name, "task": cell.task_name, "seed": cell.spec.seed,
         "teacher": cell.pair.teacher.name, "student": cell.pair.student.name,
+        "transfer_format": cell.transfer_format if getattr(cell.method.cls, "uses_transfer_data", True) else None,
         "metrics": result.metrics, "primary_metric": result.primary_metric, "items": result.items,
         "evaluation": result.details,
         "references": references,

@@ -62,6 +62,24 @@ class Budget:
         return math.ceil(micro_batches / self.grad_accum)
 
 
+BUDGET_PRESETS: dict[str, dict[str, Any]] = {
+    "seeking": dict(examples=1000, epochs=3, batch_size=8, grad_accum=8, lr=3e-4, warmup_ratio=0.03,
+                    weight_decay=0.0, max_grad_norm=1.0, max_length=2048),
+    "laten": dict(examples=1000, epochs=5, batch_size=8, grad_accum=8, lr=3e-4, warmup_ratio=0.03,
+                  weight_decay=0.0, max_grad_norm=1.0, max_length=1024),
+}
+"""The papers' fine-tuning recipes, every `Budget` field set (`budget: seeking` in a spec, `--budget seeking`).
+
+- `seeking`: ParaKnowTransfer's `train.sh` (Zhong et al. 2024): 1000 examples, 3 epochs, global batch 64 (8 per
+  device on 2 GPUs × accumulation 4; here 8 × 8 on one device: the same optimizer steps, ≈ 47 for 1000 × 3), lr 3e-4,
+  HF Trainer's warmup 0.03 then linear decay, no weight decay, clipping 1.0, cutoff 2048.
+- `laten`: the PostPKT recipe of Neural Incompatibility (Tan et al. 2025, App. A.2 / SemAlign Table 5) for MMLU and
+  GSM8K: 1000 examples, 5 epochs, batch 64, lr 3e-4, cutoff 1024 (its README; its shell script uses 768); the
+  Trainer's other defaults as above. HumanEval used 3 epochs at lr 3e-5 and MBPP 300 examples: add
+  `--epochs 3 --lr 3e-5` or `--examples 300` (flags override a preset's fields).
+"""
+
+
 @dataclass
 class RunSpec:
     """One `pkt-bench run`: a method with its config, a teacher/student pair, tasks, a seed and a budget.
@@ -87,6 +105,7 @@ class RunSpec:
     eval_batch_size: int = 16
     fit_context: bool = False  # let a generation task run on a pair whose context cannot hold its protocol
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine settings (max_model_len, ...)
+    transfer_format: str = "auto"
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
@@ -125,7 +144,7 @@ class RunSpec:
             "method": str, "teacher": str, "student": str, "backend": str, "dtype": str, "device": str,
             "seed": int, "method_config": dict, "tasks": list, "references": bool, "task_options": dict,
             "allow_code_execution": bool, "eval_batch_size": int, "fit_context": bool,
-            "vllm_args": dict,
+            "vllm_args": dict, "transfer_format": str,
         }
         for key, kind in expected.items():
             value = getattr(self, key)
@@ -139,11 +158,18 @@ class RunSpec:
             raise SpecKeyError("eval_batch_size", f"spec key 'eval_batch_size' must be positive, got {self.eval_batch_size}")
         if self.dtype not in DTYPES:
             raise SpecKeyError("dtype", f"spec key 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from pkt_bench.formats import CHOICES
+
+        if self.transfer_format not in CHOICES:
+            raise SpecKeyError("transfer_format", f"spec key 'transfer_format' must be one of {', '.join(CHOICES)}, "
+                                                  f"got {self.transfer_format!r}")
 
     def with_overrides(self, **overrides: Any) -> RunSpec:
         """Apply CLI flags: keys whose value is None are left alone; budget.* keys go to the budget."""
         budget = {k.removeprefix("budget."): v for k, v in overrides.items() if k.startswith("budget.") and v is not None}
         top = {k: v for k, v in overrides.items() if not k.startswith("budget.") and v is not None}
+        if isinstance(top.get("budget"), str):  # a preset name: every field, then the budget.* flags on top
+            top["budget"] = make_budget(top["budget"])
         spec = dataclasses.replace(self, **top)
         if budget:
             spec = dataclasses.replace(spec, budget=dataclasses.replace(spec.budget, **budget))
@@ -187,14 +213,22 @@ def read_yaml(path: Path, what: str) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
-def make_budget(values: dict[str, Any]) -> Budget:
+def make_budget(values: dict[str, Any] | str) -> Budget:
+    """A budget from a mapping of fields, a preset name, or a mapping with `preset:` and fields that override it."""
+    if isinstance(values, str):
+        values = {"preset": values}
     if not isinstance(values, dict):
-        raise UserError(f"spec key 'budget' must be a mapping (examples:, epochs:, ...), got {values!r}")
+        raise UserError(f"spec key 'budget' must be a preset name ({', '.join(BUDGET_PRESETS)}) or a mapping "
+                        f"(examples:, epochs:, ...), got {values!r}")
+    values = dict(values)
+    preset = values.pop("preset", None)
+    if preset is not None and preset not in BUDGET_PRESETS:
+        raise UserError(f"unknown budget preset {preset!r}; presets: {', '.join(BUDGET_PRESETS)}")
     known = {f.name for f in dataclasses.fields(Budget)}
     for key in values:
         if key not in known:
-            raise UserError(f"unknown budget key '{key}'; known keys: {', '.join(sorted(known))}")
-    return Budget(**values)
+            raise UserError(f"unknown budget key '{key}'; known keys: preset, {', '.join(sorted(known))}")
+    return Budget(**{**BUDGET_PRESETS.get(preset, {}), **values})
 
 
 def _flag(name: str) -> str:

@@ -42,6 +42,8 @@ def cases(tiny, tmp):
         "missing spec file": (["run", "--config", str(tmp / "none.yaml")], "does not exist"),
         "unknown backend": (["run", "--backend", "vlm"], "unknown backend 'vlm'"),
         "bad dtype": (["run", "--dtype", "fp8"], "--dtype must be one of"),
+        "unknown budget preset": (["run", "--budget", "seekng"], "unknown budget preset 'seekng'; presets: seeking"),
+        "unknown transfer format": (["run", "--transfer-format", "tulu"], "'transfer_format' must be one of auto"),
         "unknown format": (["leaderboard", "--format", "xml"], "unknown format 'xml'"),
         "missing plugin": (["list", "methods", "--plugin", str(tmp / "none.py")], "plugin file"),
         "corrupt config.json": (["run", "--teacher", str(corrupt)], "config.json is not valid JSON"),
@@ -60,7 +62,7 @@ CASES = ["unknown method", "unknown task", "unknown method option", "missing fol
          "family mismatch", "vocabulary mismatch", "probe on a foreign pair", "zero budget", "negative budget",
          "malformed yaml", "missing spec file", "unknown backend", "bad dtype", "unknown format", "missing plugin",
          "corrupt config.json", "unknown device", "missing CUDA", "zero rank", "unknown target module",
-         "task beyond the context", "limit flag"]
+         "task beyond the context", "limit flag", "unknown budget preset", "unknown transfer format"]
 
 
 @pytest.mark.parametrize("case", CASES)

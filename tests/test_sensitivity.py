@@ -151,8 +151,14 @@ def test_residual_keeps_the_students_step0_function_and_carries_teacher_blocks(t
     assert ((lora_b.double() @ lora_a.double() - best).norm() / best.norm()).item() < 1e-4
     if embeddings:
         embed = model.base_model.model.model.embed_tokens
-        assert embed.lora_embedding_A["default"].shape == (4, len(tokenizer))  # [r, vocab]
+        emb_a, emb_b = embed.lora_embedding_A["default"].double(), embed.lora_embedding_B["default"].double()
+        assert emb_a.shape == (4, len(tokenizer))  # [r, vocab]
+        assert torch.allclose(emb_a @ emb_a.T, torch.eye(4, dtype=torch.float64), atol=1e-5)  # A = Vᵀ
+        sigma = emb_b.norm(dim=0)  # B = UΣ: Σ on the B side, as upstream and as for the linear layers
+        assert torch.allclose(emb_b.T @ emb_b, torch.diag(sigma**2), atol=1e-6) and (sigma - 1).abs().min() > 0.1
         assert "col" in selection["blocks"]["lm_head"] and selection["blocks"]["embed_tokens"]["row"] == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.05  # the saved config says what is trained
     assert len((tmp_path / "seeds.jsonl").read_text().splitlines()) == 4
     with safe_open(tmp_path / "sensitivity.safetensors", "pt") as scores:
         assert len(scores.keys()) == 3 * 7 + (0 if not embeddings else 1 if family == "qwen2" else 2)
@@ -218,3 +224,42 @@ def test_sensitivity_and_teacher_random_run_end_to_end_and_reuse_the_extraction(
         json.loads((tmp_path / "artifacts" / r["key"] / "selection.json").read_text())["blocks"]
         for r in (first, second, random_block))
     assert first_blocks == again_blocks and first_blocks != random_blocks
+
+
+class ShortSeeds(WordsTask):
+    def transfer_data(self, role):
+        return super().transfer_data(role)[:3] if role == "seed" else super().transfer_data(role)
+
+
+def test_n_seeds_beyond_the_seed_role_come_from_the_train_pool_or_stop(tiny_models, tmp_path):
+    pair = ModelPair.resolve(str(tiny_models["llama-teacher"]), str(tiny_models["llama-student"]))
+    ctx = TransferContext(pair, ShortSeeds(), Budget(), 0, tmp_path, StageMeter(), task_name="short")
+    seeds = Sensitivity(SensitivityConfig(n_seeds=7)).seeds(ctx)
+    assert len(seeds) == 7 and len({s.id for s in seeds}) == 7 and ctx.costs["seeds_scored"] == 7
+    assert {s.id for s in ShortSeeds().transfer_data("seed")} < {s.id for s in seeds}
+    with pytest.raises(UserError, match="n_seeds=40 but task 'short' has only 12 seed and train examples"):
+        Sensitivity(SensitivityConfig(n_seeds=40)).seeds(ctx)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bf16_extraction_chooses_what_fp32_chooses(tiny_models, family, tmp_path):
+    """Scores are accumulated in fp32 from bf16 gradients: the layer map is fp32's and every block overlaps fp32's
+    block by >= 90% of its area."""
+    chosen = {}
+    for dtype in ("float32", "bfloat16"):
+        pair = ModelPair.resolve(str(tiny_models[f"{family}-teacher"]), str(tiny_models[f"{family}-student"]),
+                                 dtype=dtype)
+        ctx = TransferContext(pair, WordsTask(), Budget(), 0, tmp_path, StageMeter(), task_name="words")
+        (tmp_path / dtype).mkdir()
+        Sensitivity(SensitivityConfig(n_seeds=8, rank=2)).extract(ctx, tmp_path / dtype)
+        chosen[dtype] = json.loads((tmp_path / dtype / "selection.json").read_text())
+    full, half = chosen["float32"], chosen["bfloat16"]
+    assert half["layer_map"] == full["layer_map"]
+    student = AutoModelForCausalLM.from_pretrained(tiny_models[f"{family}-student"])
+    shapes = {name.removeprefix("model.").removesuffix(".weight").replace("self_attn.", "").replace("mlp.", ""):
+              p.shape for name, p in student.named_parameters()}
+    for label, block in full["blocks"].items():
+        rows, cols = shapes[label]
+        other = half["blocks"][label]
+        overlap = max(0, rows - abs(block["row"] - other["row"])) * max(0, cols - abs(block["col"] - other["col"]))
+        assert overlap >= 0.9 * rows * cols, (label, block, other)

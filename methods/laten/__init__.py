@@ -30,7 +30,7 @@ from pkt_bench.registry import register_method
 
 PAPER_STEPS = {"mmlu": 2, "gsm8k": 4, "humaneval": 3, "mbpp": 8}
 """Translator optimizer steps per task in the paper (SemAlign's Table 4, which copies LaTen's); others get 4."""
-EXTRACT_VERSION = 1  # bump when the extraction's output changes for the same inputs
+EXTRACT_VERSION = 2  # bump when the extraction's output changes for the same inputs
 _MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
 
 
@@ -50,8 +50,9 @@ class LaTenConfig:
     translator_init_std: float = field(default=1e-5, metadata={"help": "std of the translator's N(0, std) init"})
     modules: list[str] = field(default_factory=lambda: list(_MODULES), metadata={
         "help": "matrices that receive Δ, of up_proj,down_proj,v_proj,o_proj (comma-separated)"})
-    lens_norm: str = field(default="rms", metadata={
-        "help": "logit-lens scale: rms (the attribution method's RMSNorm) or upstream (LaTen code's sqrt of std)"})
+    lens_norm: str = field(default="upstream", metadata={
+        "help": "logit-lens scale: upstream (LaTen code's sqrt of std, the default) or rms (the attribution "
+                "method's RMSNorm)"})
     attn_values: str = field(default="self", metadata={
         "help": "attention channel value: self (α[t,t]·v_t, as upstream) or all (the o_proj input, all positions)"})
     fuse_examples: int = field(default=1, metadata={
@@ -135,19 +136,19 @@ class LaTen:
         n = locate.counts(student_widths, teacher_widths, c.transfer_rate)
         found = {"teacher": {}, "student": {}}  # model -> group -> (Attribution, Selection)
         vectors = {}  # group -> module -> [L_student, n, d_teacher]
-        for name, examples in groups.items():
-            scores = locate.attribute(teacher, tokenizer, examples, c.lens_norm, c.attn_values)
-            chosen = locate.select(scores, student_widths.layers, n)
-            found["teacher"][name] = scores, chosen
+        scores = locate.attribute_groups(teacher, tokenizer, groups, c.lens_norm, c.attn_values, costs=ctx.costs,
+                                         who="teacher")
+        for name, group_scores in scores.items():
+            chosen = locate.select(group_scores, student_widths.layers, n)
+            found["teacher"][name] = group_scores, chosen
             vectors[name] = {m: locate.vectors(teacher, chosen, m) for m in c.modules}
-            ctx.costs["teacher_forward"] = ctx.costs.get("teacher_forward", 0) + len(examples)
         del teacher  # teacher and student are never held at once
 
         student, tokenizer = ctx.pair.load("student")
-        for name, examples in groups.items():
-            scores = locate.attribute(student, tokenizer, examples, c.lens_norm, c.attn_values)
-            found["student"][name] = scores, locate.select(scores, student_widths.layers, n)
-            ctx.costs["student_forward"] = ctx.costs.get("student_forward", 0) + len(examples)
+        scores = locate.attribute_groups(student, tokenizer, groups, c.lens_norm, c.attn_values, costs=ctx.costs,
+                                         who="student")
+        for name, group_scores in scores.items():
+            found["student"][name] = group_scores, locate.select(group_scores, student_widths.layers, n)
 
         translator = align.Translator(c.modules, teacher_widths.hidden, student_widths.hidden,
                                       c.translator_hidden or teacher_widths.hidden, c.translator_init_std,

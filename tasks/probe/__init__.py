@@ -14,6 +14,7 @@ class Probe:
     description = "planted-knowledge probe: held-out facts only the pico teacher knows (exact match)"
     reference = "tasks/probe/README.md"
     version = "1"
+    transfer_format = "task"  # what `--transfer-format auto` means here: the pico tokenizer has no <|user|>
 
     generation = {"max_new_tokens": 2, "stop": []}  # how a teacher answers a transfer prompt (distillation)
 

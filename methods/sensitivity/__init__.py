@@ -32,16 +32,35 @@ teacher matrix by parameter name; absent when no choice needs scores), `seeds.js
 Presets: `teacher-random` takes a random block instead of the most sensitive one (the Seeking paper's Figure 3
 control); `random-init` keeps the extraction only for its scale: A and B are Gaussian with the Frobenius norms of
 the sensitivity init, per matrix, so the student starts at its own function with no teacher direction in it.
+`sensitivity-paper` is the configuration of Seeking's `train.sh` (embed_tokens and lm_head transferred too); with
+`--budget seeking` its fine-tuning is the paper's recipe as well.
+
+Files: `score.py` (the scores and their file), `blocks.py` (layer map, blocks, factors), this file (the method).
+
+Checked against the upstream code (ParaKnowTransfer) on the same tokens: sensitivity maps bit-identical, the same
+layers, every block offset equal, LoRA factors within fp16 rounding. Deviations left (effects measured in the
+issue-12 review on tiny trained Llama pairs unless stated):
+
+- *Seeds*: `n_seeds` from the task's seed role, topped up from its train data when the role is short (upstream
+  draws its 32 from its 1000 train examples, unseeded); `seeds_scored` in the record's costs and selection.json
+  says how many were scored; too few in both stops the run. Effect not measured.
+- *Text*: the run's `transfer_format` (`paper` on the benchmarks: `<|user|>…<|assistant|>\n{response}\n\n` + EOS).
+  Upstream scores `{response}` + EOS without the trailing blank line its training text has; effect not measured.
+  The task's own format instead of `paper` moved 13 of 58 block offsets.
+- *Embeddings*: off by default (`embeddings=true` or `sensitivity-paper` as upstream); Σ goes to
+  `lora_embedding_B` (upstream's split, as for the linear layers). Effect of leaving them off not measured.
+- *Precision*: scored in the model's dtype (bf16 on CUDA) with fp32 accumulators, upstream in fp32 on CPU; on tiny
+  pairs the bf16 extraction keeps fp32's layer map and ≥ 90% of every block's area (tested). The SVD runs in
+  float64 and the factors stay fp32 (upstream: fp32 SVD, factors cast to fp16).
+- *Budget*: the shared budget (batch 8, cutoff 1024: 375 optimizer steps on 1000 × 3) unless `--budget seeking`
+  (global batch 64, cutoff 2048: 47 steps). Effect not measured.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import re
 import shutil
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,8 +68,12 @@ from pkt_bench.api import Artifact, TransferContext, UserError
 from pkt_bench.models import LINEAR_MODULES, check_adapter_options
 from pkt_bench.registry import register_method
 
-_LAYER = re.compile(r"\blayers\.(\d+)\.(?:.*\.)?(\w+)\.weight$")
-EMBEDDINGS = ("embed_tokens", "lm_head")
+from .blocks import cut, factorize, layer_map, max_block, select
+from .score import EMBEDDINGS, SafetensorsWriter, matrix_key, sensitivity
+
+__all__ = ["Sensitivity", "SensitivityConfig", "cut", "factorize", "layer_map", "matrix_key", "max_block", "select",
+           "sensitivity"]
+
 LAYER_MAPS = ("top", "uniform", "random")
 BLOCKS = ("max-sum", "top-rows-cols", "random-block", "random-rows-cols")
 SPLITS = ("paper", "balanced")
@@ -96,248 +119,6 @@ class SensitivityConfig:
         return self.layer_map == "top" or not self.block.startswith("random")
 
 
-def matrix_key(name: str) -> tuple[int | None, str] | None:
-    """(layer index, module name) of a weight's parameter name; (None, name) for embeddings; None otherwise."""
-    match = _LAYER.search(name)
-    if match:
-        return int(match.group(1)), match.group(2)
-    module = name.removesuffix(".weight").rsplit(".", 1)[-1]
-    return (None, module) if module in EMBEDDINGS else None
-
-
-def sensitivity(model, tokenizer, seeds, max_length: int, targeted: Callable[[str], bool],
-                layer_totals: list[float]) -> Iterator[tuple[str, object]]:
-    """Yield (parameter name, S) for each targeted parameter once its S = Σ_seeds |θ ⊙ ∂L/∂θ| is complete.
-
-    Works one decoder layer at a time (see the module docstring). `layer_totals[l]` receives the summed
-    sensitivity of every parameter of layer l. Embeddings (untied or tied) are scored when targeted.
-    """
-    import torch
-
-    from pkt_bench.finetune import encode
-
-    decoder, head, embed = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
-    names = {id(p): n for n, p in model.named_parameters()}
-    device = head.weight.device
-    inputs = [[] for _ in seeds]  # [seed][layer] -> (hidden input, kwargs, other positional args)
-    finals, batches = [], []
-    model.requires_grad_(False)
-    tied = head.weight is embed.weight
-    embed_scores = {}  # parameter -> fp32 buffer of the targeted embedding matrices
-    for param in {id(head.weight): head.weight, id(embed.weight): embed.weight}.values():
-        if targeted(names[id(param)]):
-            embed_scores[param] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-
-    def capture(module, args, kwargs, store):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        store.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}, args[1:]))
-
-    with torch.no_grad():
-        for k, example in enumerate(seeds):
-            ids, labels = encode(example, tokenizer, max_length)
-            batches.append((torch.tensor([ids], device=device), torch.tensor([labels], device=device)))
-            hooks = [layer.register_forward_pre_hook(lambda m, a, kw, s=inputs[k]: capture(m, a, kw, s),
-                                                     with_kwargs=True) for layer in decoder.layers]
-            hooks.append(decoder.norm.register_forward_pre_hook(lambda m, a, kw: finals.append(a[0] if a else
-                                                                                                kw["hidden_states"]),
-                                                                with_kwargs=True))
-            try:
-                decoder(input_ids=batches[-1][0], use_cache=False)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            if embed.weight in embed_scores and not torch.equal(embed(batches[-1][0]), inputs[k][0][0]):
-                raise UserError("cannot score embed_tokens of this model: its first layer does not take the "
-                                "embeddings as they are; set embeddings=false")
-
-    def fold(params, grads, buffers, total):
-        for param, grad in zip(params, grads):
-            score = (param.detach().float() * grad.float()).abs_()
-            if param in buffers:
-                buffers[param].add_(score)
-            else:
-                total[0] += float(score.sum(dtype=torch.float64))
-
-    grads, head_rows = [], []  # per seed: ∂L/∂(current layer's output); tied: the head's gradient on its tokens
-    for (ids, labels), final in zip(batches, finals):
-        hidden = final.detach().requires_grad_(True)
-        wrt = [hidden] + ([head.weight] if head.weight in embed_scores else [])
-        with torch.enable_grad():
-            head.weight.requires_grad_(len(wrt) > 1)
-            logits = head(decoder.norm(hidden)).float()
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
-            result = torch.autograd.grad(loss, wrt)
-            head.weight.requires_grad_(False)
-        grads.append(result[0])
-        if len(result) > 1:
-            fold([head.weight], result[1:], embed_scores, [0.0])
-            if tied:
-                head_rows.append(result[1][ids[0].unique()])
-    if head.weight in embed_scores and not tied:
-        yield names[id(head.weight)], embed_scores.pop(head.weight)
-
-    for index in reversed(range(len(decoder.layers))):
-        layer = decoder.layers[index]
-        params = [p for p in layer.parameters()]
-        buffers = {p: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params
-                   if targeted(names[id(p)])}
-        total = [0.0]
-        for k in range(len(seeds)):
-            hidden, kwargs, rest = inputs[k][index]
-            inputs[k][index] = None
-            hidden = hidden.detach().requires_grad_(True)
-            with torch.enable_grad():
-                layer.requires_grad_(True)
-                out = layer(hidden, *rest, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                result = torch.autograd.grad(out, [hidden, *params], grads[k])
-                layer.requires_grad_(False)
-            grads[k] = result[0]
-            fold(params, result[1:], buffers, total)
-        layer_totals[index] = total[0] + sum(float(b.sum(dtype=torch.float64)) for b in buffers.values())
-        for param, score in buffers.items():
-            yield names[id(param)], score
-        del buffers
-
-    if embed.weight in embed_scores:
-        score, weight = embed_scores.pop(embed.weight), embed.weight
-        for k, (ids, _) in enumerate(batches):
-            with torch.enable_grad():
-                weight.requires_grad_(True)
-                (grad,) = torch.autograd.grad(embed(ids), weight, grads[k])
-                weight.requires_grad_(False)
-            if tied:  # per sample the gradient is head's + embedding's: redo |θ·g| on this sample's token rows
-                rows = ids[0].unique()
-                w = weight.detach()[rows].float()
-                score[rows] += (w * (head_rows[k] + grad[rows]).float()).abs() - (w * head_rows[k].float()).abs()
-            else:
-                fold([weight], [grad], {weight: score}, [0.0])
-        yield names[id(weight)], score
-
-
-def layer_map(layer_scores: list[float], n_student: int, how: str, seed: int = 0) -> list[int]:
-    """Teacher layer for each student layer 0..n_student-1."""
-    n_teacher = len(layer_scores)
-    if n_teacher < n_student:
-        raise UserError(f"the teacher has {n_teacher} layers, fewer than the student's {n_student}; "
-                        f"pick a deeper teacher")
-    if how == "uniform":
-        return [round(i * (n_teacher - 1) / max(n_student - 1, 1)) for i in range(n_student)]
-    if how == "random":
-        return sorted(random.Random(f"{seed}:layers").sample(range(n_teacher), n_student))
-    ranked = sorted(range(n_teacher), key=lambda layer: -layer_scores[layer])[:n_student]
-    return sorted(ranked)
-
-
-def max_block(score, rows: int, cols: int) -> tuple[int, int]:
-    """Offsets (a, b) of the rows x cols window of `score` with the largest sum (2-D prefix sums, float64)."""
-    import torch
-
-    n, m = score.shape
-    prefix = torch.nn.functional.pad(score.double().cumsum(0).cumsum(1), (1, 0, 1, 0))  # [n+1, m+1]
-    sums = prefix[rows:, cols:] - prefix[: n - rows + 1, cols:] - prefix[rows:, : m - cols + 1] \
-        + prefix[: n - rows + 1, : m - cols + 1]  # [n-rows+1, m-cols+1]: sum of the window starting at (a, b)
-    best = int(torch.argmax(sums))  # first maximum in row-major order: smallest row, then column
-    return divmod(best, sums.shape[1])
-
-
-def select(how: str, score, shape: tuple[int, int], rows: int, cols: int, seed: str) -> dict:
-    """The block of a teacher matrix of `shape` to take for a rows x cols student matrix.
-
-    Contiguous strategies give {"row": a, "col": b}; the others {"rows": [...], "cols": [...]}, sorted
-    (embeddings keep every token row: {"row": 0, "col": b} or {"cols": [...]}).
-    """
-    n, m = shape
-    rng = random.Random(seed)
-    if how == "max-sum":
-        a, b = max_block(score, rows, cols)
-        return {"row": a, "col": b}
-    if how == "random-block":
-        return {"row": rng.randint(0, n - rows), "col": rng.randint(0, m - cols)}
-    if how == "top-rows-cols":
-        import torch
-
-        return {"rows": sorted(torch.topk(score.double().sum(1), rows).indices.tolist()),
-                "cols": sorted(torch.topk(score.double().sum(0), cols).indices.tolist())}
-    return {"rows": sorted(rng.sample(range(n), rows)), "cols": sorted(rng.sample(range(m), cols))}
-
-
-def cut(weight, block: dict, rows: int, cols: int):
-    """The [rows, cols] part of `weight` that `block` (from `select`) names; no "rows": the first `rows`."""
-    if "row" in block:
-        return weight[block["row"] : block["row"] + rows, block["col"] : block["col"] + cols]
-    return weight[block["rows"] if "rows" in block else slice(rows)][:, block["cols"]]
-
-
-def factorize(block, rank: int, split: str, svd: str = "exact"):
-    """(B [rows, r], A [r, cols]) with B·A the best rank-r approximation of `block`.
-
-    "exact": from the eigenvectors of the smaller Gram matrix (XᵀX or XXᵀ) in float64, exact up to rounding and
-    deterministic. "randomized": `torch.svd_lowrank` (Halko et al., 4 power iterations), an order of magnitude
-    faster on large blocks; its error is near the optimum, but with a flat spectrum its factors are not the top-r
-    singular vectors.
-    """
-    import torch
-
-    if svd == "randomized":
-        u, s, v = torch.svd_lowrank(block.float(), q=min(rank + 8, *block.shape), niter=4)
-        u, s, v = u[:, :rank].double(), s[:rank].double(), v[:, :rank].double()
-        return _split(u * s, s, v, split)
-    x = block.double()
-    if x.shape[0] >= x.shape[1]:
-        v = torch.linalg.eigh(x.T @ x).eigenvectors[:, -rank:].flip(1)  # [cols, r], largest first
-        us = x @ v  # U_r Σ_r
-        s = us.norm(dim=0)
-    else:
-        u = torch.linalg.eigh(x @ x.T).eigenvectors[:, -rank:].flip(1)  # [rows, r]
-        vs = x.T @ u  # V_r Σ_r
-        s = vs.norm(dim=0)
-        v, us = vs / torch.where(s > 0, s, 1.0), u * s
-    return _split(us, s, v, split)
-
-
-def _split(us, s, v, split: str):
-    """(B, A) from U_rΣ_r, Σ_r and V_r: all of Σ in B ("paper") or √Σ on each side ("balanced")."""
-    import torch
-
-    if split == "balanced":
-        root = s.sqrt()
-        return (us / torch.where(root > 0, root, 1.0)).float(), (root[:, None] * v.T).float()
-    return us.float(), v.T.float()
-
-
-class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor, so scores never need to be in memory together.
-
-    safetensors (0.8) saves only complete dicts; its format is an 8-byte header length, a JSON header with each
-    tensor's dtype, shape and byte range, then the bytes. Every tensor must be written once before `close`.
-    """
-
-    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]):
-        import math
-
-        header, offset = {}, 0
-        for name, shape in shapes.items():
-            size = 4 * math.prod(shape)
-            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        self.start, self.header, self.pending = 8 + len(text), header, set(header)
-        self.file = path.open("wb")
-        self.file.write(struct.pack("<Q", len(text)) + text)
-        self.file.truncate(self.start + offset)
-
-    def write(self, name: str, tensor) -> None:
-        self.file.seek(self.start + self.header[name]["data_offsets"][0])
-        self.file.write(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-        self.pending.discard(name)
-
-    def close(self) -> None:
-        self.file.close()
-        assert not self.pending, f"scores never written: {sorted(self.pending)}"
-
-
 @register_method("sensitivity")
 @register_method("teacher-random", block="random-block",
                  description="control of sensitivity: a random teacher block of the same size instead of the most "
@@ -345,6 +126,8 @@ class SafetensorsWriter:
 @register_method("random-init", init="random",
                  description="control of sensitivity: its residual init with random A, B of the same Frobenius norms "
                              "per matrix (the scale without the teacher's directions)")
+@register_method("sensitivity-paper", embeddings=True,
+                 description="sensitivity as Seeking's train.sh: embed_tokens and lm_head too (use --budget seeking)")
 class Sensitivity:
     description = "sensitivity-based PKT: teacher blocks of max |θ·∂L/∂θ|, SVD into the student's LoRA init"
     reference = "https://arxiv.org/abs/2310.11451"
@@ -358,7 +141,7 @@ class Sensitivity:
         check_adapter_options(self.config, [pair.teacher, pair.student])  # blocks are cut from both
 
     def transfer(self, ctx: TransferContext) -> Artifact:
-        identity = {k: v for k, v in asdict(self.config).items() if k not in ("dropout", "init")}
+        identity = {k: v for k, v in asdict(self.config).items() if k != "init"}  # dropout: in the saved config
         folder = ctx.cached("sensitivity", identity | {"max_length": ctx.budget.max_length},
                             lambda out: self.extract(ctx, out))
         for name in ("selection.json", "seeds.jsonl"):  # beside the artifact, so the record's folder says what moved
@@ -394,13 +177,28 @@ class Sensitivity:
                 base.copy_((base.float() - module.get_delta_weight("default").float()).to(base.dtype))
         return model
 
+    def seeds(self, ctx: TransferContext) -> list:
+        """`n_seeds` seed samples: the task's seed role, topped up from its train data when the role is short (the
+        Seeking paper's 32 seeds are a subset of its 1000 train examples); an error when both are short."""
+        c = self.config
+        seeds = ctx.examples("seed", c.n_seeds, seed=c.extract_seed)
+        if len(seeds) < c.n_seeds:
+            taken = {(e.prompt, e.response) for e in seeds}
+            more = [e for e in ctx.examples("train", seed=c.extract_seed) if (e.prompt, e.response) not in taken]
+            seeds += more[: c.n_seeds - len(seeds)]
+        if len(seeds) < c.n_seeds:
+            raise UserError(f"n_seeds={c.n_seeds} but task {ctx.task_name!r} has only {len(seeds)} seed and train "
+                            f"examples; lower -o n_seeds")
+        ctx.costs["seeds_scored"] = len(seeds)
+        return seeds
+
     def extract(self, ctx: TransferContext, out: Path) -> None:
         """Score, map, cut and factorize; write the extraction files into `out` (see the module docstring)."""
         import torch
         from peft import LoraConfig, get_peft_model
 
         c = self.config
-        seeds = ctx.examples("seed", c.n_seeds, seed=c.extract_seed)
+        seeds = self.seeds(ctx)
         with (out / "seeds.jsonl").open("w") as handle:
             for seed in seeds:
                 handle.write(json.dumps({"id": seed.id, "prompt": seed.prompt, "response": seed.response}) + "\n")
@@ -408,8 +206,8 @@ class Sensitivity:
         if c.embeddings:
             untie(student)
         targets = list(c.target_modules) + (list(EMBEDDINGS) if c.embeddings else [])
-        model = get_peft_model(student, LoraConfig(r=c.rank, lora_alpha=c.alpha, target_modules=targets,
-                                                   task_type="CAUSAL_LM"))
+        model = get_peft_model(student, LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                                                   target_modules=targets, task_type="CAUSAL_LM"))
         wanted = {key: module for key, module in _modules(model, targets)}
         shapes = {key: tuple(module.base_layer.weight.shape) for key, module in wanted.items()}
         with ctx.stage("extract"):
@@ -459,18 +257,19 @@ class Sensitivity:
             else:
                 blocks = {key: choose(key, None) for key in teacher_weights if key[1] in student_modules}
             mapping = layer_map(totals, model.config.num_hidden_layers, c.layer_map, c.extract_seed)
-        selection = {"layer_map": mapping, "layer_scores": totals if c.needs_scores else None,
+        selection = {"seeds_scored": len(seeds), "layer_map": mapping, "layer_scores": totals if c.needs_scores else None,
                      "block_strategy": c.block, "blocks": {}}
         with torch.no_grad():
             for (layer, name), module in wanted.items():
                 source = (mapping[layer] if layer is not None else None, name)
                 rows, cols = shapes[(layer, name)]
-                big_b, big_a = factorize(cut(teacher_weights[source].detach(), blocks[source], rows, cols), c.rank,
-                                         c.split, c.svd)
+                block = cut(teacher_weights[source].detach(), blocks[source], rows, cols)
                 if "default" in module.lora_embedding_A:  # PEFT embeddings: delta = (B·A)ᵀ, A [r, vocab], B [d, r]
-                    module.lora_embedding_A["default"].copy_(big_b.T)
-                    module.lora_embedding_B["default"].copy_(big_a.T)
+                    big_b, big_a = factorize(block.T, c.rank, c.split, c.svd)  # [d, vocab], Σ on B as upstream
+                    module.lora_embedding_A["default"].copy_(big_a)
+                    module.lora_embedding_B["default"].copy_(big_b)
                 else:
+                    big_b, big_a = factorize(block, c.rank, c.split, c.svd)
                     module.lora_A["default"].weight.copy_(big_a)
                     module.lora_B["default"].weight.copy_(big_b)
                 label = f"layers.{layer}.{name}" if layer is not None else name

@@ -1,0 +1,56 @@
+"""Transfer formats: how a task's prompt/response examples are written out as the text every method trains on.
+
+One spec-level option (`transfer_format`, CLI `--transfer-format`), the same for every method of a cell
+comparison, so that they all read the same text:
+
+- `paper`: the chat format both upstream repositories (ParaKnowTransfer and Neural_Incompatibility) use for seeds,
+  alignment and training, `<|user|>\\n{prompt}\\n\\n<|assistant|>\\n` then `{response}\\n\\n` and EOS (turn
+  contents stripped, as upstream). The markers are plain text, not special tokens, as they were for Llama-2.
+- `task`: the task's own prompt format, the one its evaluation prompts use.
+- `chat_template`: the tokenizer's chat template, one user turn, then the response and EOS (for instruct models
+  whose EOS ends a turn). A template that writes BOS itself gets a second one from the tokenizer.
+- `auto` (the default): `paper` for the benchmark tasks, whose transfer data the papers wrote in it; `task` for
+  tasks that say otherwise (`transfer_format = "task"` on the task class; the pico probe, whose word-level
+  tokenizer has no `<|user|>` and whose evaluation prompt is the bare fact).
+
+Evaluation is not changed by this option: each task evaluates in its own protocol (`-T chat_template=true` for
+the tokenizer's template). The papers evaluated with Open-Instruct; LaTen says in its chat (Tulu) format, whose
+single newline before `<|assistant|>` differs from its training text's double one; Seeking does not say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pkt_bench.api import Example, UserError
+
+FORMATS = ("paper", "task", "chat_template")
+CHOICES = ("auto", *FORMATS)
+USER, ASSISTANT = "<|user|>\n", "<|assistant|>\n"
+
+
+def resolve(name: str, task: Any) -> str:
+    """The format `name` means for `task` (`auto` resolved); what cell keys and records hold."""
+    if name not in CHOICES:
+        raise UserError(f"transfer_format must be one of {', '.join(CHOICES)}, got {name!r}")
+    return getattr(task, "transfer_format", "paper") if name == "auto" else name
+
+
+def check(name: str, tokenizer: Any) -> None:
+    """Stop before anything runs when the tokenizer cannot render `name` (a resolved format)."""
+    if name == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise UserError("the student's tokenizer has no chat template; pick --transfer-format paper or task")
+
+
+def render(example: Example, name: str, tokenizer: Any = None) -> Example:
+    """`example` written in the resolved format `name`; the id is kept."""
+    if name == "task":
+        return example
+    if name == "paper":
+        prompt, response = f"{USER}{example.prompt.strip()}\n\n{ASSISTANT}", f"{example.response.strip()}\n\n"
+    else:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": example.prompt.strip()}], tokenize=False,
+                                               add_generation_prompt=True)
+        response = example.response.strip()
+    return dataclasses.replace(example, prompt=prompt, response=response)
