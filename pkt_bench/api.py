@@ -122,7 +122,8 @@ class TransferMethod(Protocol):
 
     A method with an extraction stage (what it takes from the teacher before any fine-tuning) also defines
     `extract(ctx, out)`, writing its files into the folder `out`; `pkt-bench extract` calls it, and `transfer`
-    reaches it through `ctx.cached(...)` so that runs differing only in what comes after reuse it.
+    reaches it through `ctx.cached(...)` so that runs differing only in what comes after reuse it. A method that
+    cannot work on some pairs defines `check_pair(pair)`, raising `UserError` before anything runs.
     """
 
     description: ClassVar[str]

@@ -81,6 +81,8 @@ def plan(spec: RunSpec) -> list[Cell]:
     for _, task in tasks:
         if hasattr(task, "check_pair"):
             task.check_pair(pair)
+    if hasattr(method.cls, "check_pair"):  # a method that needs something of the pair (graft: a lineage)
+        method.cls(config).check_pair(pair)
     return [Cell(method, config, spec, pair, task_name, task) for task_name, task in tasks]
 
 
