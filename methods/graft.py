@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pkt_bench.api import Artifact, TransferContext, UserError
 from pkt_bench.registry import register_method
@@ -124,7 +125,8 @@ class GraftLoRA(Graft):
 
 def ancestry(pair):
     """(the ancestor's `ModelRef`, the student's kept indices) of a pair whose teacher and student descend from one
-    ancestor; a `UserError` otherwise."""
+    ancestor; a `UserError` otherwise. A lineage names its parent by `parent_path` (relative to the model's folder)
+    when that folder exists, else by `parent` (any model name)."""
     from pkt_bench.models import lineage, resolve_model
 
     student, teacher = lineage(pair.student), lineage(pair.teacher)
@@ -132,8 +134,16 @@ def ancestry(pair):
         raise UserError(f"graft needs a student with a lineage (a lineage.json naming the model it was cut from and "
                         f"the indices it kept); {pair.student.name!r} has none: pick a kin pair, e.g. "
                         f"--pair pico-kin-pruned (`pkt-bench list pairs`)")
-    if not teacher or teacher.get("parent") != student["parent"] or teacher.get("operation") != "continue":
+    ancestor = _parent(pair.student.path, student)
+    if not teacher or teacher.get("operation") != "continue" or _parent(pair.teacher.path, teacher) != ancestor:
         raise UserError(f"graft needs a teacher trained further from the student's ancestor "
                         f"{student['parent']!r}; {pair.teacher.name!r} is not: pick a kin pair, e.g. "
                         f"--pair pico-kin-pruned (`pkt-bench list pairs`)")
-    return resolve_model(student["parent"]), student["kept"]
+    return resolve_model(ancestor), student["kept"]
+
+
+def _parent(path: str, lineage: dict) -> str | None:
+    relative = lineage.get("parent_path")
+    if relative and (Path(path) / relative).is_dir():
+        return str((Path(path) / relative).resolve())
+    return lineage.get("parent")

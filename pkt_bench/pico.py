@@ -19,8 +19,8 @@ related (the probe's README explains why):
   briefly) after the cut;
 - `pico-teacher` / `pico-student`: pretrained independently from scratch on all / the common facts.
 
-Every model folder holds a `lineage.json`: the model it came from (`parent`), the operation, the corpus and steps,
-and for a pruned model the ancestor indices it kept in each dimension (`kept`). Everything is deterministic from
+Every model folder holds a `lineage.json`: the model it came from (`parent`, and its folder relative to this one,
+`parent_path`), the operation, the corpus and steps, and the ancestor indices it kept in each dimension (`kept`). Everything is deterministic from
 `PicoConfig`; each model is built on first use (with the models it comes from) and cached under
 `$PKT_BENCH_CACHE` (default `~/.cache/pkt-bench`).
 """
@@ -307,7 +307,8 @@ def build_model(name: str, config: PicoConfig, out: Path) -> None:
     recipe = RECIPES[name]
     tokenizer = build_tokenizer(config.world.words())
     lineage: dict[str, Any] = {"name": name, "describe": recipe.describe, "pico": config.digest(),
-                               "corpus": recipe.corpus, "parent": recipe.parent}
+                               "corpus": recipe.corpus, "parent": recipe.parent,
+                               "parent_path": f"../{folder_name(recipe.parent)}" if recipe.parent else None}
     torch.manual_seed(config.seed)
     if recipe.parent is None:
         shape = getattr(config, recipe.shape)

@@ -140,7 +140,9 @@ def choose(model, depth, width) -> Kept:
     half = kept.source_head_dim // 2
     pairs = list(range(0, half, ratio))
     weights = {name: p.detach().float() for name, p in model.named_parameters()}
-    hidden_score = weights["model.embed_tokens.weight"].pow(2).sum(0) + weights["lm_head.weight"].pow(2).sum(0)
+    hidden_score = weights["model.embed_tokens.weight"].pow(2).sum(0)
+    if "lm_head.weight" in weights:  # absent when tied to the input embeddings
+        hidden_score += weights["lm_head.weight"].pow(2).sum(0)
     ffn = []
     for i in layers:
         prefix = f"model.layers.{i}."
