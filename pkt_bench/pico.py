@@ -38,6 +38,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -354,6 +355,7 @@ def train(model, tokenizer, facts: list[Fact], steps: int, lr: float, config: Pi
     draws = torch.Generator().manual_seed(config.seed)
     model.train()
     console = Console(stderr=True)
+    started = time.perf_counter()
     with Progress(TextColumn(f"pkt-bench: {label} (once; cached in {cache_root()})"), BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(label, total=steps)
@@ -364,5 +366,6 @@ def train(model, tokenizer, facts: list[Fact], steps: int, lr: float, config: Pi
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             progress.advance(bar)
-    console.print(f"pkt-bench: built {label.removeprefix('building ')} ({steps} steps), cached in {cache_root()}")
+    console.print(f"pkt-bench: built {label.removeprefix('building ')} ({steps} steps, "
+                  f"{time.perf_counter() - started:.0f} s), cached in {cache_root()}")
     model.eval()

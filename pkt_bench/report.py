@@ -303,6 +303,9 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     for i, claim in enumerate(config.claims):
         if claim.kind == "beats_baseline" and claim.most_on:
             summary[i] += most_on(claim.most_on, summary[i])
+    every = [r for r in (store.get(c.key) for c in outcome.cells) if r is not None]
+    if len({(r["teacher"], r["student"]) for r in every}) > 1:
+        sections.append(_ladder_section(every, config.baseline, figures, out.parent))
     text = "\n".join([_header(config, sweep, store, outcome, command), _summary(config, summary), *sections,
                       _method_notes()])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +392,72 @@ def _controls_table(rows: list[Score], config: ReportConfig) -> list[str]:
         lines.append(f"| {pair} | {task} | {'sees transfer' if seen.visible else 'no power'} | {seen.why} | "
                      f"{', '.join(idle) or ('none' if seen.visible else 'n/a')} |")
     return lines + [""]
+
+
+def _rung(pair: str) -> str:
+    """A built-in pair's name for its "teacher -> student" label; other labels as they are."""
+    from pkt_bench import pico
+
+    return {f"{r.teacher} -> {r.student}": r.name for r in pico.LADDER}.get(pair, pair)
+
+
+def _ladder_section(records: list[dict[str, Any]], baseline: str, figures: Path, relative_to: Path) -> str:
+    """Every method on every pair of the sweep, per task: one table (mean, 95% CI, Δ vs the baseline) and one plot
+    of the score against the pair, in the sweep's pair order (for the probe: the kinship ladder, most related first)."""
+    parts = ["## Across pairs", ""]
+    hours = sum(r.get("wall_s") or 0 for r in records) / 3600
+    parts += [f"Cells: {len(records)}, {hours:.2f} h of cell wall time in all (transfer and evaluation; building the "
+              f"pico models is not in it). Each cell: mean over seeds [95% CI]; Δ vs {baseline} on the same items, "
+              f"* when p < {ALPHA}.", ""]
+    for task in sorted({r["task"] for r in records}):
+        own = [r for r in records if r["task"] == task]
+        rows = scores(own, baseline=baseline)
+        pairs = list(dict.fromkeys(s.pair for s in rows))
+        methods = list(dict.fromkeys(s.method for s in rows))
+        table = {(s.method, s.pair): s for s in rows}
+        parts += [f"**{task}**" + (f" (chance {own[0]['evaluation']['chance']:.3f})"
+                                   if "chance" in own[0].get("evaluation", {}) else ""), "",
+                  "| method | " + " | ".join(_rung(p) for p in pairs) + " |", "|---|" + "---|" * len(pairs)]
+        for method in methods:
+            cells = []
+            for pair in pairs:
+                s = table.get((method, pair))
+                if s is None:
+                    cells.append("–")
+                    continue
+                ci = f" [{s.ci_low:.2f}, {s.ci_high:.2f}]" if s.ci_low is not None else ""
+                delta = (f" Δ {s.delta:+.2f}{'*' if s.p_value < ALPHA else ''}"
+                         if s.delta is not None and s.method != s.baseline else "")
+                cells.append(f"{s.mean:.3f}{ci}{delta}")
+            parts.append(f"| {method} | " + " | ".join(cells) + " |")
+        path = _ladder_plot(rows, pairs, methods, task, figures)
+        parts += ["", f"![{path.stem}]({path.relative_to(relative_to).as_posix()})", ""]
+    return "\n".join(parts)
+
+
+def _ladder_plot(rows: list[Score], pairs: list[str], methods: list[str], task: str, figures: Path) -> Path:
+    from pkt_bench.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(pairs)), 4.5))
+    for method in methods:
+        points = [(i, s) for i, pair in enumerate(pairs) for s in rows if (s.method, s.pair) == (method, pair)]
+        if not points:
+            continue
+        xs, ys = [i for i, _ in points], [s.mean for _, s in points]
+        errors = [[s.mean - (s.ci_low if s.ci_low is not None else s.mean) for _, s in points],
+                  [(s.ci_high if s.ci_high is not None else s.mean) - s.mean for _, s in points]]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+    ax.set_xticks(range(len(pairs)), [_rung(p) for p in pairs], rotation=20, ha="right")
+    ax.set_ylabel(f"{task}: {rows[0].metric} (mean over seeds, 95% CI)")
+    ax.set_title(f"{task}: each method on each pair")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    figures.mkdir(parents=True, exist_ok=True)
+    path = figures / f"pairs-{re.sub(r'[^A-Za-z0-9_.-]+', '_', task)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _method_notes() -> str:
