@@ -154,3 +154,24 @@ def test_report_section_errors_name_the_line(tmp_path):
     config.write_text(TINY.replace("kind: small_and_unstable", "kind: smallish"))
     with pytest.raises(UserError, match=r"bad.yaml:17: claim kind must be one of"):
         ReportConfig.from_sweep(Sweep.load(config))
+
+
+def _record(method, teacher, student, seed, right):
+    items = [{"id": str(i), "exact_match": float(i < right)} for i in range(50)]
+    return {"cell": {"method": method, "task": "probe", "seed": seed, "teacher": teacher, "student": student},
+            "method": method, "task": "probe", "seed": seed, "teacher": teacher, "student": student,
+            "metrics": {"exact_match": right / 50}, "primary_metric": "exact_match", "items": items,
+            "evaluation": {"chance": 0.025}, "wall_s": 1.0}
+
+
+def test_the_pairs_section_has_methods_by_rung_with_deltas_and_a_plot(tmp_path):
+    from pkt_bench.report import _ladder_section
+
+    records = [_record(m, t, s, seed, right) for seed in (0, 1)
+               for (t, s, m, right) in [("pico-kin-teacher", "pico-kin-same", "lora", 1),
+                                        ("pico-kin-teacher", "pico-kin-same", "graft", 30),
+                                        ("pico-teacher", "pico-student", "lora", 1)]]
+    text = _ladder_section(records, "lora", tmp_path / "figs", tmp_path)
+    assert "| method | pico-kin-same | pico |" in text and "(chance 0.025)" in text
+    assert "| graft | 0.600 [" in text and "Δ +0.58*" in text and "| – |" in text
+    assert (tmp_path / "figs" / "pairs-probe.png").read_bytes().startswith(b"\x89PNG")
