@@ -195,14 +195,12 @@ class Rung:
 
 
 LADDER = (
-    Rung("pico-kin-same", "pico-kin-teacher", "pico-kin-same", "same shape, one ancestor: the easiest transfer"),
-    Rung("pico-kin-depth", "pico-kin-teacher", "pico-kin-depth", "one ancestor; the student lost half the layers"),
-    Rung("pico-kin-width", "pico-kin-teacher", "pico-kin-width", "one ancestor; the student lost half its width"),
-    Rung("pico-kin-pruned", "pico-kin-teacher", "pico-kin-pruned",
-         "one ancestor; the student lost half the layers and half the width"),
-    Rung("pico-kin-sham", "pico-sham-teacher", "pico-kin-same",
-         "negative control: a teacher that never saw the held-out facts"),
-    Rung("pico", "pico-teacher", "pico-student", "independent pretraining: no shared ancestor (today's pico pair)"),
+    Rung("pico-kin-same", "pico-kin-teacher", "pico-kin-same", "one ancestor, same shape: the easiest transfer"),
+    Rung("pico-kin-depth", "pico-kin-teacher", "pico-kin-depth", "one ancestor; the student has half the layers"),
+    Rung("pico-kin-width", "pico-kin-teacher", "pico-kin-width", "one ancestor; the student has half the width"),
+    Rung("pico-kin-pruned", "pico-kin-teacher", "pico-kin-pruned", "one ancestor; half the layers and the width"),
+    Rung("pico-kin-sham", "pico-sham-teacher", "pico-kin-same", "negative control: no held-out fact in the teacher"),
+    Rung("pico", "pico-teacher", "pico-student", "no common ancestor (the default pair)"),
 )
 """The built-in pairs (`--pair NAME`), most related first."""
 
