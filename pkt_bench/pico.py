@@ -357,7 +357,9 @@ def train(model, tokenizer, facts: list[Fact], steps: int, lr: float, config: Pi
     with Progress(TextColumn(f"pkt-bench: {label} (once; cached in {cache_root()})"), BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
         bar = progress.add_task(label, total=steps)
-        for _ in range(steps):
+        for step in range(steps):
+            if not console.is_terminal and step and step % (steps // 10 or 1) == 0:  # a log file: a line per 10%
+                console.print(f"pkt-bench: {label}: {step}/{steps} steps, {time.perf_counter() - started:.0f} s")
             batch = torch.randint(0, len(rows), (config.pretrain_batch,), generator=draws)
             model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss.backward()
             optimizer.step()
