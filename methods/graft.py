@@ -40,8 +40,14 @@ class GraftConfig:
     parts: list[str] = field(default_factory=lambda: list(PARTS),
                              metadata={"help": "what moves: linear (attention and FFN matrices), norms, embeddings "
                                                "(embed_tokens, lm_head); comma-separated"})
+    blocks: str = field(default="lineage", metadata={"help": "where Δ is cut: lineage (the indices the student "
+                                                             "inherited) or sensitivity (the teacher layers and blocks "
+                                                             "sensitivity's extraction chooses, with its default "
+                                                             "options; linear matrices only)"})
 
     def __post_init__(self) -> None:
+        if self.blocks not in ("lineage", "sensitivity"):
+            raise UserError(f"option 'blocks' must be lineage or sensitivity, got {self.blocks!r}")
         unknown = [part for part in self.parts if part not in PARTS]
         if unknown or not self.parts:
             raise UserError(f"option 'parts' takes a comma-separated subset of {', '.join(PARTS)}, got "
@@ -92,13 +98,46 @@ class Graft:
             teacher = ctx.pair.load("teacher")[0].state_dict()
             ancestor = load_model(ancestor_ref.path, ctx.pair.device, ctx.pair.dtype)[0].state_dict()
             kept = Kept.from_json(kept)
+            chosen = self.sensitivity_blocks(ctx) if self.config.blocks == "sensitivity" else None
             with torch.no_grad():
                 for name, param in student.named_parameters():
-                    if part(name) in self.config.parts:
+                    if part(name) not in self.config.parts:
+                        continue
+                    if chosen is None:
                         src, indices = source(name, kept)
                         delta = cut(teacher[src].float() - ancestor[src].float(), indices)
-                        param.copy_((param.float() + self.config.alpha * delta).to(param.dtype))
+                    elif name in chosen:
+                        src, take = chosen[name]
+                        delta = take(teacher[src].float() - ancestor[src].float())
+                    else:
+                        continue
+                    param.copy_((param.float() + self.config.alpha * delta).to(param.dtype))
         return student, tokenizer
+
+    def sensitivity_blocks(self, ctx: TransferContext) -> dict:
+        """Student parameter name -> (teacher parameter name, the function that cuts sensitivity's block out of a
+        teacher-shaped matrix), from sensitivity's (cached) extraction with its default options."""
+        import json
+        from dataclasses import asdict
+
+        from pkt_bench.methods.sensitivity import Sensitivity, SensitivityConfig, cut as cut_block, matrix_key
+
+        method = Sensitivity(SensitivityConfig())
+        identity = {k: v for k, v in asdict(method.config).items() if k not in ("dropout", "init")}
+        folder = ctx.cached("sensitivity", identity | {"max_length": ctx.budget.max_length},
+                            lambda out: method.extract(ctx, out))
+        selection = json.loads((folder / "selection.json").read_text())["blocks"]
+        student, _ = ctx.pair.load("student")
+        chosen = {}
+        for name, param in student.named_parameters():
+            key = matrix_key(name)
+            label = key and (f"layers.{key[0]}.{key[1]}" if key[0] is not None else key[1])
+            if label in selection:
+                block, (rows, cols) = selection[label], param.shape
+                teacher_name = name if key[0] is None else name.replace(  # block["teacher"]: "layers.J.q_proj"
+                    f"layers.{key[0]}.", f"layers.{block['teacher'].split('.')[1]}.", 1)
+                chosen[name] = (teacher_name, lambda w, b=block, r=rows, c=cols: cut_block(w, b, r, c))
+        return chosen
 
 
 @register_method("graft-lora")

@@ -27,8 +27,8 @@ from pkt_bench.spec import Budget
 from pkt_bench.stages import StageMeter
 
 SMALL = pico.PicoConfig(entities=30, values_per_relation=5,
-                        teacher=pico.ModelShape(layers=4, hidden=32, intermediate=64, heads=4, kv_heads=2),
-                        student=pico.ModelShape(layers=2, hidden=16, intermediate=32, heads=4, kv_heads=2),
+                        teacher=pico.ModelShape(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2),
+                        student=pico.ModelShape(layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2),
                         pretrain_steps=40, pretrain_batch=16, continue_steps=20)
 STUDENTS = sorted({rung.student for rung in pico.LADDER})
 
@@ -104,7 +104,7 @@ def test_the_ladder_records_lineage_and_its_students_are_at_chance(ladder):
         assert accuracy <= 2 * SMALL.chance, (name, accuracy)
     pruned = json.loads((ladder["pico-kin-pruned"] / "lineage.json").read_text())
     assert pruned["parent"] == "pico-kin-ancestor" and pruned["operation"] == "prune depth+width, then heal"
-    assert len(pruned["kept"]["layers"]) == SMALL.student.layers and len(pruned["kept"]["hidden"]) == 16
+    assert len(pruned["kept"]["layers"]) == SMALL.student.layers and len(pruned["kept"]["hidden"]) == 32
     assert json.loads((ladder["pico-kin-teacher"] / "lineage.json").read_text())["corpus"] == "all"
     assert json.loads((ladder["pico-teacher"] / "lineage.json").read_text())["parent"] is None
 
@@ -199,3 +199,22 @@ def test_two_first_runs_build_once_and_sigterm_leaves_no_staging_folder(tmp_path
     killed.communicate(timeout=60)
     assert killed.returncode == 128 + signal.SIGTERM
     assert not list((tmp_path / "b").rglob(".building-*")) and not list((tmp_path / "b").rglob("*.partial"))
+
+
+def test_graft_at_sensitivitys_blocks_moves_only_those_blocks(ladder, tmp_path):
+    from pkt_bench.methods.sensitivity import cut as cut_block
+    from tasks.probe import Probe
+
+    ctx = context(ladder, "pico-kin-teacher", "pico-kin-pruned", tmp_path)
+    ctx.task, ctx.cache_dir = Probe(config=SMALL), tmp_path / "cache"
+    grafted = graft(ctx, blocks="sensitivity", parts=["linear", "norms"])
+    student = load(ladder["pico-kin-pruned"]).state_dict()
+    teacher, ancestor = load(ladder["pico-kin-teacher"]).state_dict(), load(ladder["pico-kin-ancestor"]).state_dict()
+    folder = next((tmp_path / "cache").rglob("selection.json"))
+    selection = json.loads(folder.read_text())
+    name = "model.layers.1.mlp.down_proj.weight"
+    block = selection["blocks"]["layers.1.down_proj"]
+    src = f"model.layers.{block['teacher'].split('.')[1]}.mlp.down_proj.weight"
+    expected = student[name] + cut_block(teacher[src] - ancestor[src], block, *student[name].shape)
+    assert torch.allclose(grafted[name], expected, atol=1e-6)
+    assert torch.equal(grafted["model.norm.weight"], student["model.norm.weight"])  # no block there: unchanged
