@@ -16,7 +16,8 @@ Elsewhere (two independently pretrained sizes, like Qwen2.5 1.5B and 0.5B) there
 On the ladder it shows what a parametric transfer that works looks like: where `graft` moves held-out facts, the
 probe can see transfer, and a method at chance there moved nothing; with the sham teacher (trained further
 without the held-out facts) it must stay at chance. Options: α, the parts moved (linear matrices, norms,
-embeddings). `graft-lora` then fine-tunes LoRA (`lora`'s defaults) on the run's shared budget: a separate name, not
+embeddings) and where Δ is cut (`blocks=sensitivity`: at the teacher layers and blocks that sensitivity's
+extraction chooses, instead of the lineage: how much of the transfer a method's choice of blocks could carry). `graft-lora` then fine-tunes LoRA (`lora`'s defaults) on the run's shared budget: a separate name, not
 an option, because whether a method fine-tunes decides whether the budget is part of its cells' key.
 """
 
