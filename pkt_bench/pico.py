@@ -14,7 +14,7 @@ related (the probe's README explains why):
 - `pico-kin-teacher`: the ancestor trained further on all facts;
 - `pico-sham-teacher` (negative control): the ancestor trained further on transfer and common facts only;
 - students that never see a held-out fact, each continued from the ancestor on the common facts:
-  `pico-kin-same` (teacher's shape), `pico-kin-depth` (layers dropped), `pico-kin-width` (hidden size, head
+  `pico-kin-same` (teacher's shape), `pico-kin-depth` (a deep layer dropped), `pico-kin-width` (hidden size, head
   dims and FFN cut), `pico-kin-pruned` (both cuts: the shape of `pico-student`), the pruned ones *healed* (trained
   briefly) after the cut;
 - `pico-teacher` / `pico-student`: pretrained independently from scratch on all / the common facts.
@@ -70,11 +70,12 @@ class PicoConfig:
     transfer_fraction: float = 0.2
     teacher: ModelShape = ModelShape(layers=4, hidden=128, intermediate=384, heads=4, kv_heads=2)
     student: ModelShape = ModelShape(layers=2, hidden=64, intermediate=192, heads=4, kv_heads=2)
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 1500
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
     continue_steps: int = 400
     continue_lr: float = 1e-3
+    kin_depth_layers: int = 3  # pico-kin-depth's layers (pico-kin-pruned has the student's)
 
     def digest(self) -> str:
         blob = json.dumps({"version": PICO_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -176,7 +177,7 @@ RECIPES = {
                                 "only (no held-out fact)", "sham", "pico-kin-ancestor"),
     "pico-kin-same": Recipe("the ancestor trained further on the common facts (teacher's shape)", "common",
                             "pico-kin-ancestor"),
-    "pico-kin-depth": Recipe("the ancestor with half its layers dropped, healed on the common facts", "common",
+    "pico-kin-depth": Recipe("the ancestor with a deep layer dropped, healed on the common facts", "common",
                              "pico-kin-ancestor", prune=("depth",)),
     "pico-kin-width": Recipe("the ancestor with hidden size, head dims and FFN halved, healed on the common facts",
                              "common", "pico-kin-ancestor", prune=("width",)),
@@ -196,7 +197,7 @@ class Rung:
 
 LADDER = (
     Rung("pico-kin-same", "pico-kin-teacher", "pico-kin-same", "one ancestor, same shape: the easiest transfer"),
-    Rung("pico-kin-depth", "pico-kin-teacher", "pico-kin-depth", "one ancestor; the student has half the layers"),
+    Rung("pico-kin-depth", "pico-kin-teacher", "pico-kin-depth", "one ancestor; the student lost a deep layer"),
     Rung("pico-kin-width", "pico-kin-teacher", "pico-kin-width", "one ancestor; the student has half the width"),
     Rung("pico-kin-pruned", "pico-kin-teacher", "pico-kin-pruned", "one ancestor; half the layers and the width"),
     Rung("pico-kin-sham", "pico-sham-teacher", "pico-kin-same", "negative control: no held-out fact in the teacher"),
@@ -321,7 +322,8 @@ def build_model(name: str, config: PicoConfig, out: Path) -> None:
     else:
         model = AutoModelForCausalLM.from_pretrained(ensure_built(recipe.parent, config), dtype=torch.float32)
         if recipe.prune:
-            kept = choose(model, config.student if "depth" in recipe.prune else None,
+            depth = config.student.layers if "width" in recipe.prune else config.kin_depth_layers
+            kept = choose(model, depth if "depth" in recipe.prune else None,
                           config.student if "width" in recipe.prune else None)
             model = prune(model, kept)
             lineage["kept"] = kept.to_json()

@@ -118,18 +118,18 @@ def prune(model, kept: Kept):
     return pruned
 
 
-def choose(model, depth, width) -> Kept:
-    """What to keep when cutting `model` to the layer count of `depth` and the widths of `width` (`ModelShape`s,
-    or None to keep that axis whole): layers evenly spaced from the first to the last; hidden dimensions and FFN
+def choose(model, n_layers: int | None, width) -> Kept:
+    """What to keep when cutting `model` to `n_layers` layers and the widths of `width` (a `ModelShape`), None
+    keeping that axis whole: the first n − 1 layers and the last (a contiguous block of deep layers goes, as in
+    Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"); the hidden dimensions and FFN
     units with the largest weight norms; every k-th RoPE pair inside each head; the first key/value heads."""
     import torch
 
     kept = Kept.everything(model.config)
-    n_layers = model.config.num_hidden_layers
     layers = kept.layers
-    if depth is not None:
-        n = depth.layers
-        layers = [round(i * (n_layers - 1) / (n - 1)) for i in range(n)] if n > 1 else [n_layers - 1]
+    if n_layers is not None:
+        last = model.config.num_hidden_layers - 1
+        layers = [*range(n_layers - 1), last] if n_layers > 1 else [last]
     if width is None:
         return Kept(layers, kept.hidden, [kept.ffn[i] for i in layers], kept.kv_heads, kept.head_dims, kept.heads,
                     kept.source_kv_heads, kept.source_head_dim)

@@ -71,7 +71,7 @@ def test_pruning_nothing_reproduces_the_ancestors_logits(kind, tiny_models):
 def test_a_pruned_model_is_made_of_sub_blocks_that_keep_rope_pairs_and_gqa_groups(kind, tiny_models):
     ancestor = load(tiny_models[f"{kind}-teacher"])  # 3 layers, 64 wide, 4 heads of 16, 2 KV heads
     shape = pico.ModelShape(layers=2, hidden=32, intermediate=96, heads=4, kv_heads=2)
-    kept = choose(ancestor, shape, shape)
+    kept = choose(ancestor, shape.layers, shape)
     pruned = prune(ancestor, kept)
     assert kept.layers == [0, 2] and len(kept.hidden) == 32 and pruned.config.head_dim == 8
     half = kept.source_head_dim // 2
