@@ -236,8 +236,6 @@ def ensure_built(name: str, config: PicoConfig = DEFAULT) -> Path:
             staging = Path(tempfile.mkdtemp(dir=root, prefix=f".building-{folder_name(name)}-"))
             try:
                 build_model(name, config, staging)
-                if target.exists():  # a leftover without lineage.json (a build from before version 3)
-                    shutil.rmtree(target)
                 os.replace(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
