@@ -371,8 +371,8 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
     for claim, found in zip(config.claims, findings):
         parts += [f"**{claim.paper}: \"{claim.claim}\"** on this grid: **{overall(found)}**", ""]
         if found:
-            parts += ["| method | task | verdict | evidence |", "|---|---|---|---|"]
-            parts += [f"| {f.method} | {f.task} | {f.verdict} | {f.why} |" for f in found]
+            parts += ["| method | pair | task | verdict | evidence |", "|---|---|---|---|---|"]
+            parts += [f"| {f.method} | {_rung(f.score.pair)} | {f.task} | {f.verdict} | {f.why} |" for f in found]
         else:
             parts.append(f"Not run here: none of {', '.join(claim.methods)} has a Δ against {config.baseline}.")
         parts.append("")
@@ -388,10 +388,19 @@ def _controls_table(rows: list[Score], config: ReportConfig) -> list[str]:
              "| pair | task | instrument | why | methods that move nothing here |", "|---|---|---|---|---|"]
     for (pair, task), seen in sorted(power(rows, config.controls).items()):
         idle = sorted(s.method for s in rows if (s.pair, s.task) == (pair, task) and s.delta is not None
-                      and s.method != s.baseline and not (s.delta > 0 and s.p_value < ALPHA)) if seen.visible else []
+                      and s.method not in (s.baseline, "student", "teacher")
+                      and not (s.delta > 0 and s.p_value < ALPHA)) if seen.visible else []
         lines.append(f"| {pair} | {task} | {'sees transfer' if seen.visible else 'no power'} | {seen.why} | "
                      f"{', '.join(idle) or ('none' if seen.visible else 'n/a')} |")
     return lines + [""]
+
+
+def _rung_order(pair: str) -> int:
+    """A built-in pair's place on the kinship ladder; other pairs after it."""
+    from pkt_bench import pico
+
+    labels = [f"{r.teacher} -> {r.student}" for r in pico.LADDER]
+    return labels.index(pair) if pair in labels else len(labels)
 
 
 def _rung(pair: str) -> str:
@@ -405,14 +414,16 @@ def _ladder_section(records: list[dict[str, Any]], baseline: str, figures: Path,
     """Every method on every pair of the sweep, per task: one table (mean, 95% CI, Δ vs the baseline) and one plot
     of the score against the pair, in the sweep's pair order (for the probe: the kinship ladder, most related first)."""
     parts = ["## Across pairs", ""]
-    hours = sum(r.get("wall_s") or 0 for r in records) / 3600
-    parts += [f"Cells: {len(records)}, {hours:.2f} h of cell wall time in all (transfer and evaluation; building the "
-              f"pico models is not in it). Each cell: mean over seeds [95% CI]; Δ vs {baseline} on the same items, "
-              f"* when p < {ALPHA}.", ""]
+    minutes = sum(r.get("wall_s") or 0 for r in records) / 60
+    made = sorted(r["created_at"] for r in records if r.get("created_at"))
+    span = f", made between {made[0]} and {made[-1]}" if made else ""
+    parts += [f"Cells: {len(records)}, {minutes:.1f} min of cell wall time in all (transfer and evaluation; building "
+              f"models is not in it){span}. Each cell: mean over seeds [95% CI]; Δ vs {baseline} on the same items, "
+              f"* when p < {ALPHA}. Pairs from the most related to the least.", ""]
     for task in sorted({r["task"] for r in records}):
         own = [r for r in records if r["task"] == task]
         rows = scores(own, baseline=baseline)
-        pairs = list(dict.fromkeys(s.pair for s in rows))
+        pairs = sorted(dict.fromkeys(s.pair for s in rows), key=_rung_order)
         methods = list(dict.fromkeys(s.method for s in rows))
         table = {(s.method, s.pair): s for s in rows}
         parts += [f"**{task}**" + (f" (chance {own[0]['evaluation']['chance']:.3f})"

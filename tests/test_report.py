@@ -134,7 +134,7 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     assert all(v in ("supported", "not supported", "not significant", "partly supported", "no power")
                or v.startswith("mixed")
                for _, v in verdicts)
-    assert "| lora | probe |" in text and "| lora | pico-teacher -> pico-student | most on probe |" in text
+    assert "| lora | pico | probe |" in text and "| lora | pico-teacher -> pico-student | most on probe |" in text
     again = write_report(Sweep.load(config), ResultStore(tmp_path / "results"), out, "pkt-bench report tiny.yaml",
                          console=quiet)
     assert again == [] and "0 run for this report and 6 reused" in out.read_text()
@@ -172,6 +172,6 @@ def test_the_pairs_section_has_methods_by_rung_with_deltas_and_a_plot(tmp_path):
                                         ("pico-kin-teacher", "pico-kin-same", "graft", 30),
                                         ("pico-teacher", "pico-student", "lora", 1)]]
     text = _ladder_section(records, "lora", tmp_path / "figs", tmp_path)
-    assert "| method | pico-kin-same | pico |" in text and "(chance 0.025)" in text
+    assert "| method | pico-kin-same | pico |" in text and "(chance 0.025)" in text and "2.0 min of cell" not in text
     assert "| graft | 0.600 [" in text and "Δ +0.58*" in text and "| – |" in text
     assert (tmp_path / "figs" / "pairs-probe.png").read_bytes().startswith(b"\x89PNG")
