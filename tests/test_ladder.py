@@ -203,7 +203,7 @@ def test_two_first_runs_build_once_and_sigterm_leaves_no_staging_folder(tmp_path
 
 def test_graft_at_sensitivitys_blocks_moves_only_those_blocks(ladder, tmp_path):
     from pkt_bench.methods.sensitivity import cut as cut_block
-    from tasks.probe import Probe
+    from pkt_bench.tasks.probe import Probe
 
     ctx = context(ladder, "pico-kin-teacher", "pico-kin-pruned", tmp_path)
     ctx.task, ctx.cache_dir = Probe(config=SMALL), tmp_path / "cache"

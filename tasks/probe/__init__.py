@@ -33,7 +33,7 @@ class Probe:
         from transformers import AutoTokenizer
 
         if self.world.held_out[0].entity not in AutoTokenizer.from_pretrained(pair.student.path).get_vocab():
-            raise UserError("the probe task only works with the pico models (its facts are in no other model's "
+            raise UserError("the probe task only works with the pico pairs (its facts are in no other model's "
                             "vocabulary); drop --teacher/--student, use --pair (`pkt-bench list pairs`) or pick "
                             "another --task")
 
