@@ -218,3 +218,18 @@ def test_graft_at_sensitivitys_blocks_moves_only_those_blocks(ladder, tmp_path):
     expected = student[name] + cut_block(teacher[src] - ancestor[src], block, *student[name].shape)
     assert torch.allclose(grafted[name], expected, atol=1e-6)
     assert torch.equal(grafted["model.norm.weight"], student["model.norm.weight"])  # no block there: unchanged
+
+
+def test_graft_lora_fine_tunes_the_grafted_student_on_the_shared_budget(ladder, tmp_path):
+    from pkt_bench.methods.graft import Graft, GraftConfig, GraftLoRA
+    from pkt_bench.tasks.probe import Probe
+
+    assert GraftLoRA.fine_tunes and not Graft.fine_tunes  # so only graft-lora's cells carry the budget in their key
+    ctx = context(ladder, "pico-kin-teacher", "pico-kin-pruned", tmp_path)
+    ctx.task, ctx.budget = Probe(config=SMALL), Budget(examples=4, epochs=1, batch_size=2)
+    artifact = GraftLoRA(GraftConfig()).transfer(ctx)
+    assert artifact.kind == "model" and ctx.costs["optimizer_steps"] == 2 and ctx.costs["examples_seen"] == 4
+    assert not (tmp_path / "grafted").exists()
+    tuned = load(artifact.path).state_dict()
+    grafted = graft(context(ladder, "pico-kin-teacher", "pico-kin-pruned", tmp_path))
+    assert any(not torch.equal(tuned[n], grafted[n]) for n in grafted)  # LoRA moved the grafted student
