@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -117,6 +118,8 @@ def run(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="transfer method (see `pkt-bench list methods`)")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="teacher: HF id, local HF folder, or pico-teacher")] = None,
     student: Annotated[Optional[str], typer.Option(help="student: HF id, local HF folder, or pico-student")] = None,
+    pair: Annotated[Optional[str], typer.Option(help="a built-in teacher/student pair, e.g. pico-kin-width (see "
+                                                     "`pkt-bench list pairs`)")] = None,
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="task name (any case); repeat or "
                                                                            "comma-separate for several")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of data sampling, init and training")] = None,
@@ -156,6 +159,12 @@ def run(
     from pkt_bench.evaluate import engine_args
 
     _load_plugins(plugin)
+    if pair:
+        if teacher or student:
+            raise UserError("give either --pair or --teacher/--student, not both")
+        from pkt_bench.models import resolve_pair
+
+        teacher, student = resolve_pair(pair)
     spec = RunSpec.from_yaml(config) if config else RunSpec()
     spec = _flag_errors(
         spec, method=method, teacher=teacher, student=student, tasks=_names(task), seed=seed, data_dir=data_dir, backend=backend,
@@ -210,15 +219,23 @@ def extract(
 @app.command("list")
 @user_errors
 def list_(
-    what: Annotated[str, typer.Argument(help="methods or tasks")],
+    what: Annotated[str, typer.Argument(help="methods, tasks or pairs")],
     details: Annotated[bool, typer.Option(help="also show each method's options")] = False,
     plugin: Plugins = None,
 ):
-    """List registered methods or tasks with a one-line description and reference."""
+    """List registered methods or tasks with a one-line description and reference, or the built-in pairs."""
     _load_plugins(plugin)
     registries = {"methods": METHODS, "tasks": TASKS}
+    if what == "pairs":
+        from pkt_bench.pico import LADDER
+
+        table = Table("pair (--pair)", "teacher -> student", "what it varies", header_style="bold")
+        for rung in LADDER:
+            table.add_row(rung.name, f"{rung.teacher} -> {rung.student}", rung.varies)
+        out.print(table)
+        return
     if what not in registries:
-        raise UserError(f"cannot list {what!r}; use `pkt-bench list methods` or `pkt-bench list tasks`")
+        raise UserError(f"cannot list {what!r}; use `pkt-bench list methods`, `list tasks` or `list pairs`")
     table = Table(show_header=True, header_style="bold")
     for column in ("name", "description", "reference"):
         table.add_column(column, overflow="fold")
@@ -374,6 +391,7 @@ def plot(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: `finally` removes partials
     app()
 
 

@@ -124,8 +124,8 @@ class TransferMethod(Protocol):
     `extract(ctx, out)`, writing its files into the folder `out`; `pkt-bench extract` calls it, and `transfer`
     reaches it through `ctx.cached(...)` so that runs differing only in what comes after reuse it.
 
-    A method whose options can be wrong for a pair (a LoRA rank of 0, a target module the student lacks) also
-    defines `check(pair)`, raising `UserError`; the runner calls it before the first cell.
+    A method whose options can be wrong for a pair (a LoRA rank of 0, a target module the student lacks), or
+    that cannot work on some pairs (graft needs a lineage), also defines `check(pair)`, raising `UserError`; the runner calls it before the first cell.
     """
 
     description: ClassVar[str]

@@ -1,7 +1,9 @@
 """Teacher/student pairs: resolving names to folders, checking they are one family, loading them.
 
-A model is named by a HF hub id, a local HF folder, or a built-in name (`pico-teacher`, `pico-student`: the
-in-process pair of `pkt_bench.pico`). Loading is transformers' own; this module only decides what to load, on
+A model is named by a HF hub id, a local HF folder, or a built-in name (`pico-teacher`, `pico-kin-pruned`, ...:
+the in-process models of `pkt_bench.pico`); a pair of them by a built-in pair name (`--pair pico-kin-width`, the
+rungs of the probe's kinship ladder). A model folder may hold a `lineage.json` saying which model it was made from
+and how (`pkt_bench.pico` writes one into every pico model; `graft` reads it). Loading is transformers' own; this module only decides what to load, on
 which device and in which dtype (auto: CUDA with bf16 when present, else CPU with fp32).
 """
 
@@ -35,7 +37,7 @@ def resolve_model(name: str) -> ModelRef:
     from pkt_bench import pico
 
     if name in pico.NAMES:
-        folder = pico.ensure_built(pico.NAMES[name])
+        folder = pico.ensure_built(name)
         return ModelRef(name, str(folder), f"{name}@{pico.DEFAULT.digest()}")
     path = Path(name).expanduser()
     if path.is_dir():
@@ -49,6 +51,31 @@ def resolve_model(name: str) -> ModelRef:
         raise UserError(f"model folder {name!r} does not exist; give an existing HF model folder or a hub id "
                         f"like Qwen/Qwen2.5-0.5B-Instruct")
     return ModelRef(name, name, name)
+
+
+def resolve_pair(name: str) -> tuple[str, str]:
+    """(teacher, student) of a built-in pair name; unknown names list the known ones."""
+    from pkt_bench import pico
+
+    pairs = {rung.name: rung for rung in pico.LADDER}
+    if name not in pairs:
+        import difflib
+
+        close = difflib.get_close_matches(name, pairs, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"unknown pair {name!r}; {hint}known pairs: {', '.join(pairs)} (`pkt-bench list pairs`)")
+    return pairs[name].teacher, pairs[name].student
+
+
+def lineage(ref: ModelRef) -> dict[str, Any] | None:
+    """The model's `lineage.json` (parent, operation, kept indices), or None when its folder holds none."""
+    path = Path(ref.path) / "lineage.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); fix or remove it") from None
 
 
 def _config(ref: ModelRef) -> dict[str, Any]:

@@ -33,6 +33,22 @@ items, p the paired test's p-value (McNemar's for 0/1 metrics, else the paired b
   Δ > `small`, p < α and stable; not significant when Δ > `small` and p >= α; partly supported otherwise
   (small but a stable, significant effect; or large and significant but unstable).
 
+  Per-seed gains that are all exactly zero are *no effect*, not unstable.
+
+A claim that transfer fails (`small_and_unstable`) is only "supported" where the instrument was shown to see a
+transfer: with `controls:` in the report section,
+
+    controls:
+      positive: graft                # a method known to move knowledge where teacher and student are related
+      negative: [pico-kin-sham]      # pairs whose teacher never learnt what the task asks (built-in pair names
+                                     # or "teacher -> student"); the positive control must stay there
+
+the instrument *can see transfer* on a (pair, task) when the positive control's Δ there is > 0 with p < α and,
+on that task, it is run on at least one negative pair and beats the baseline (Δ > 0, p < α) on none. Elsewhere,
+and whenever no controls are given, "supported" becomes "no power": silence is not evidence that transfer fails.
+On a (pair, task) where the instrument can see transfer, a method whose Δ is not > 0 with p < α is reported as
+moving nothing there.
+
 A claim's overall verdict is the verdict every (method, task) shares, or "mixed" with the counts.
 """
 
@@ -79,10 +95,27 @@ class Finding:
 
 
 @dataclass
+class Controls:
+    """The instrument's controls (see the module docstring): a positive-control method and negative pairs."""
+
+    positive: str
+    negative: list[str] = field(default_factory=list)  # pair labels "teacher -> student"
+
+
+@dataclass
+class Power:
+    """Whether the instrument can see transfer on one (pair, task), and why."""
+
+    visible: bool
+    why: str
+
+
+@dataclass
 class ReportConfig:
     title: str
     baseline: str
     claims: list[Claim] = field(default_factory=list)
+    controls: Controls | None = None
 
     @classmethod
     def from_sweep(cls, sweep: Sweep) -> ReportConfig:
@@ -91,7 +124,7 @@ class ReportConfig:
         def fail(key: str, message: str) -> UserError:
             return UserError(f"{sweep.where(f'report.{key}')}: {message}")
 
-        known = ("title", "baseline", "claims")
+        known = ("title", "baseline", "claims", "controls")
         for key in data:
             if key not in known:
                 raise fail(key, f"unknown report key '{key}'; known keys: {', '.join(known)}")
@@ -121,7 +154,51 @@ class ReportConfig:
             if absent:
                 raise fail(f"{where}.methods", f"methods {', '.join(absent)} are in no grid; add them to methods:")
             claims.append(claim)
-        return cls(title, baseline, claims)
+        return cls(title, baseline, claims, _controls(data.get("controls"), sweep, fail))
+
+
+def _controls(data: Any, sweep: Sweep, fail) -> Controls | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("positive"), str) or set(data) - {"positive", "negative"}:
+        raise fail("controls", "'controls' is a mapping with positive: METHOD and negative: [PAIR, ...]")
+    if data["positive"] not in {m for g in sweep.grids for m, _ in g.methods}:
+        raise fail("controls.positive", f"the positive control {data['positive']!r} is in no grid; add it to methods:")
+    negative = data.get("negative") or []
+    if not isinstance(negative, list) or not all(isinstance(p, str) for p in negative):
+        raise fail("controls.negative", "'negative' is a list of pairs (built-in names or \"teacher -> student\")")
+    from pkt_bench import pico
+
+    rungs = {rung.name: f"{rung.teacher} -> {rung.student}" for rung in pico.LADDER}
+    return Controls(data["positive"], [rungs.get(pair, pair) for pair in negative])
+
+
+def power(rows: list[Score], controls: Controls | None) -> dict[tuple[str, str], Power]:
+    """Per (pair, task) of `rows`: whether the instrument can see transfer there (rules in the module docstring)."""
+    keys = {(s.pair, s.task) for s in rows}
+    if controls is None:
+        return {key: Power(False, "no controls were run") for key in keys}
+    positive = {(s.pair, s.task): s for s in rows if _base(s.method) == controls.positive and s.delta is not None}
+    out = {}
+    for pair, task in keys:
+        negatives = [s for (p, t), s in positive.items() if t == task and p in controls.negative]
+        leaked = [s for s in negatives if s.delta > 0 and s.p_value < ALPHA]
+        pos = positive.get((pair, task))
+        if pair in controls.negative:
+            out[(pair, task)] = Power(False, "a negative-control pair")
+        elif pos is None:
+            out[(pair, task)] = Power(False, f"{controls.positive} did not run here")
+        elif not (pos.delta > 0 and pos.p_value < ALPHA):
+            out[(pair, task)] = Power(False, f"{controls.positive} moves nothing here (Δ {pos.delta:+.3f}, {_p(pos)})")
+        elif not negatives:
+            out[(pair, task)] = Power(False, f"no negative control ran on {task}")
+        elif leaked:
+            out[(pair, task)] = Power(False, f"{controls.positive} beats the baseline with a teacher that never saw "
+                                             f"the answers ({leaked[0].pair}: Δ {leaked[0].delta:+.3f}, {_p(leaked[0])})")
+        else:
+            out[(pair, task)] = Power(True, f"{controls.positive} Δ {pos.delta:+.3f} ({_p(pos)}), at the baseline's "
+                                            f"level with the negative control{'s' if len(negatives) > 1 else ''}")
+    return out
 
 
 def _base(label: str) -> str:
@@ -133,8 +210,9 @@ def _p(score: Score) -> str:
     return "p<0.001" if score.p_value < 0.001 else f"p={score.p_value:.3f}"
 
 
-def check(claim: Claim, rows: list[Score]) -> list[Finding]:
+def check(claim: Claim, rows: list[Score], controls: Controls | None = None) -> list[Finding]:
     """The claim's findings on these rows (one per method variant and task with a Δ against the baseline)."""
+    seen = power(rows, controls)
     baselines = {(s.pair, s.task): s for s in rows if s.method == s.baseline}
     findings = []
     for s in rows:
@@ -147,8 +225,9 @@ def check(claim: Claim, rows: list[Score]) -> list[Finding]:
             why = f"Δ {s.delta:+.3f} [{s.delta_low:+.3f}, {s.delta_high:+.3f}], {_p(s)}"
         else:
             gains = _seed_gains(s, baselines[(s.pair, s.task)])
-            unstable = len(gains) > 1 and (min(gains) < 0 < max(gains)
-                                           or statistics.stdev(gains) >= abs(statistics.fmean(gains)))
+            no_effect = bool(gains) and all(g == 0 for g in gains)
+            unstable = len(gains) > 1 and not no_effect and (
+                min(gains) < 0 < max(gains) or statistics.stdev(gains) >= abs(statistics.fmean(gains)))
             small = s.delta <= claim.small
             if small:
                 verdict = "supported" if unstable or not significant else "partly supported"
@@ -156,8 +235,12 @@ def check(claim: Claim, rows: list[Score]) -> list[Finding]:
                 verdict = ("not significant" if not significant else "partly supported" if unstable
                            else "not supported")
             seeds = ", ".join(f"{g:+.3f}" for g in gains)
+            spread = ("no effect" if no_effect else "unstable" if unstable else "stable" if len(gains) > 1
+                      else "one seed")
             why = (f"Δ {s.delta:+.3f} ({'small' if small else 'not small'}: threshold {claim.small}), {_p(s)}; "
-                   f"per-seed gains {seeds or 'n/a'} ({'unstable' if unstable else 'stable' if len(gains) > 1 else 'one seed'})")
+                   f"per-seed gains {seeds or 'n/a'} ({spread})")
+            if verdict == "supported" and not seen[(s.pair, s.task)].visible:
+                verdict, why = "no power", f"{why}; no power: {seen[(s.pair, s.task)].why}"
         findings.append(Finding(s.method, s.task, s, verdict, why))
     return findings
 
@@ -213,7 +296,7 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
         has_baseline = any(r["method"] == config.baseline for r in records)
         # the leaderboard resolves the baseline name; a Δ across budgets is shown marked, never hidden
         rows = scores(records, baseline=config.baseline if has_baseline else None, allow_unequal=True)
-        findings = [check(claim, rows) for claim in config.claims]
+        findings = [check(claim, rows, config.controls) for claim in config.claims]
         for i, found in enumerate(findings):
             summary[i] += found
         devices = sorted({f"{r['cell'].get('device_type')}, {r['cell'].get('dtype')}" for r in records})
@@ -221,6 +304,9 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     for i, claim in enumerate(config.claims):
         if claim.kind == "beats_baseline" and claim.most_on:
             summary[i] += most_on(claim.most_on, summary[i])
+    every = [r for r in (store.get(c.key) for c in outcome.cells) if r is not None]
+    if len({(r["teacher"], r["student"]) for r in every}) > 1:
+        sections.append(_ladder_section(every, config.baseline, figures, out.parent))
     text = "\n".join([_header(config, sweep, store, outcome, command), _summary(config, summary), *sections,
                       _method_notes()])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,15 +368,108 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
     for path in plot(rows, figures / slug):
         parts.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
     parts.append("")
+    parts += _controls_table(rows, config)
     for claim, found in zip(config.claims, findings):
         parts += [f"**{claim.paper}: \"{claim.claim}\"** on this grid: **{overall(found)}**", ""]
         if found:
-            parts += ["| method | task | verdict | evidence |", "|---|---|---|---|"]
-            parts += [f"| {f.method} | {f.task} | {f.verdict} | {f.why} |" for f in found]
+            parts += ["| method | pair | task | verdict | evidence |", "|---|---|---|---|---|"]
+            parts += [f"| {f.method} | {_rung(f.score.pair)} | {f.task} | {f.verdict} | {f.why} |" for f in found]
         else:
             parts.append(f"Not run here: none of {', '.join(claim.methods)} has a Δ against {config.baseline}.")
         parts.append("")
     return "\n".join(parts)
+
+
+def _controls_table(rows: list[Score], config: ReportConfig) -> list[str]:
+    """Per (pair, task): whether the instrument can see transfer, and which methods move nothing where it can."""
+    if config.controls is None:
+        return []
+    lines = [f"**Controls** (positive: {config.controls.positive}; negative pairs: "
+             f"{', '.join(config.controls.negative) or 'none'}):", "",
+             "| pair | task | instrument | why | methods that move nothing here |", "|---|---|---|---|---|"]
+    for (pair, task), seen in sorted(power(rows, config.controls).items()):
+        idle = sorted(s.method for s in rows if (s.pair, s.task) == (pair, task) and s.delta is not None
+                      and s.method not in (s.baseline, "student", "teacher")
+                      and not (s.delta > 0 and s.p_value < ALPHA)) if seen.visible else []
+        lines.append(f"| {pair} | {task} | {'sees transfer' if seen.visible else 'no power'} | {seen.why} | "
+                     f"{', '.join(idle) or ('none' if seen.visible else 'n/a')} |")
+    return lines + [""]
+
+
+def _rung_order(pair: str) -> int:
+    """A built-in pair's place on the kinship ladder; other pairs after it."""
+    from pkt_bench import pico
+
+    labels = [f"{r.teacher} -> {r.student}" for r in pico.LADDER]
+    return labels.index(pair) if pair in labels else len(labels)
+
+
+def _rung(pair: str) -> str:
+    """A built-in pair's name for its "teacher -> student" label; other labels as they are."""
+    from pkt_bench import pico
+
+    return {f"{r.teacher} -> {r.student}": r.name for r in pico.LADDER}.get(pair, pair)
+
+
+def _ladder_section(records: list[dict[str, Any]], baseline: str, figures: Path, relative_to: Path) -> str:
+    """Every method on every pair of the sweep, per task: one table (mean, 95% CI, Δ vs the baseline) and one plot
+    of the score against the pair, in the sweep's pair order (for the probe: the kinship ladder, most related first)."""
+    parts = ["## Across pairs", ""]
+    minutes = sum(r.get("wall_s") or 0 for r in records) / 60
+    made = sorted(r["created_at"] for r in records if r.get("created_at"))
+    span = f", made between {made[0]} and {made[-1]}" if made else ""
+    parts += [f"Cells: {len(records)}, {minutes:.1f} min of cell wall time in all (transfer and evaluation; building "
+              f"models is not in it){span}. Each cell: mean over seeds [95% CI]; Δ vs {baseline} on the same items, "
+              f"* when p < {ALPHA}. Pairs from the most related to the least.", ""]
+    for task in sorted({r["task"] for r in records}):
+        own = [r for r in records if r["task"] == task]
+        rows = scores(own, baseline=baseline)
+        pairs = sorted(dict.fromkeys(s.pair for s in rows), key=_rung_order)
+        methods = list(dict.fromkeys(s.method for s in rows))
+        table = {(s.method, s.pair): s for s in rows}
+        parts += [f"**{task}**" + (f" (chance {own[0]['evaluation']['chance']:.3f})"
+                                   if "chance" in own[0].get("evaluation", {}) else ""), "",
+                  "| method | " + " | ".join(_rung(p) for p in pairs) + " |", "|---|" + "---|" * len(pairs)]
+        for method in methods:
+            cells = []
+            for pair in pairs:
+                s = table.get((method, pair))
+                if s is None:
+                    cells.append("–")
+                    continue
+                ci = f" [{s.ci_low:.2f}, {s.ci_high:.2f}]" if s.ci_low is not None else ""
+                delta = (f" Δ {s.delta:+.2f}{'*' if s.p_value < ALPHA else ''}"
+                         if s.delta is not None and s.method != s.baseline else "")
+                cells.append(f"{s.mean:.3f}{ci}{delta}")
+            parts.append(f"| {method} | " + " | ".join(cells) + " |")
+        path = _ladder_plot(rows, pairs, methods, task, figures)
+        parts += ["", f"![{path.stem}]({path.relative_to(relative_to).as_posix()})", ""]
+    return "\n".join(parts)
+
+
+def _ladder_plot(rows: list[Score], pairs: list[str], methods: list[str], task: str, figures: Path) -> Path:
+    from pkt_bench.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(pairs)), 4.5))
+    for method in methods:
+        points = [(i, s) for i, pair in enumerate(pairs) for s in rows if (s.method, s.pair) == (method, pair)]
+        if not points:
+            continue
+        xs, ys = [i for i, _ in points], [s.mean for _, s in points]
+        errors = [[s.mean - (s.ci_low if s.ci_low is not None else s.mean) for _, s in points],
+                  [(s.ci_high if s.ci_high is not None else s.mean) - s.mean for _, s in points]]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+    ax.set_xticks(range(len(pairs)), [_rung(p) for p in pairs], rotation=20, ha="right")
+    ax.set_ylabel(f"{task}: {rows[0].metric} (mean over seeds, 95% CI)")
+    ax.set_title(f"{task}: each method on each pair")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    figures.mkdir(parents=True, exist_ok=True)
+    path = figures / f"pairs-{re.sub(r'[^A-Za-z0-9_.-]+', '_', task)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _method_notes() -> str:

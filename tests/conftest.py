@@ -43,6 +43,7 @@ def offline_cache(tmp_path_factory):
 def pico_pair(offline_cache):
     from pkt_bench import pico
 
+    pico.ensure_built("student")  # each pico model is built on its own, on first use
     return pico.ensure_built("teacher").parent
 
 

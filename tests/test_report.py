@@ -7,7 +7,7 @@ from rich.console import Console
 
 from pkt_bench.api import UserError
 from pkt_bench.leaderboard import Score
-from pkt_bench.report import Claim, ReportConfig, check, most_on, overall, write_report
+from pkt_bench.report import Claim, Controls, ReportConfig, check, most_on, overall, power, write_report
 from pkt_bench.store import ResultStore
 from pkt_bench.sweep import Sweep
 
@@ -42,6 +42,13 @@ def row(method, task, delta, p, per_seed, baseline="lora", base_per_seed=None):
     return [score, base]
 
 
+def graft_row(pair, task, delta, p):
+    return Score("graft", pair, task, "acc", 0.5, None, 3, 100, baseline="lora", delta=delta, delta_low=delta - 0.1,
+                 delta_high=delta + 0.1, p_value=p)
+
+
+CONTROLS = Controls("graft", ["N -> S"])
+SEEING = [graft_row("T -> S", "gsm8k", 0.4, 0.001), graft_row("N -> S", "gsm8k", 0.0, 1.0)]
 BEATS = Claim("Seeking", "transfer beats LoRA, most on GSM8K", "beats_baseline", ["sensitivity"], most_on="gsm8k")
 SMALL = Claim("NI", "small and unstable", "small_and_unstable", ["sensitivity"], small=0.05)
 
@@ -77,8 +84,33 @@ def test_most_on_a_task():
     (0.20, 0.01, {0: 1.0, 1: 0.45, 2: 0.65}, "partly supported"),   # large and significant but unstable
 ])
 def test_small_and_unstable_rule(delta, p, seeds, verdict):
-    found = check(SMALL, row("sensitivity", "gsm8k", delta, p, seeds))
+    found = check(SMALL, row("sensitivity", "gsm8k", delta, p, seeds) + SEEING, CONTROLS)
     assert [f.verdict for f in found] == [verdict]
+
+
+@pytest.mark.parametrize("controls, extra, why", [
+    (None, SEEING, "no controls were run"),
+    (CONTROLS, [], "graft did not run here"),
+    (CONTROLS, [graft_row("T -> S", "gsm8k", 0.02, 0.4), SEEING[1]], "graft moves nothing here"),
+    (CONTROLS, SEEING[:1], "no negative control ran on gsm8k"),
+    (CONTROLS, [SEEING[0], graft_row("N -> S", "gsm8k", 0.2, 0.001)], "never saw the answers"),
+])
+def test_a_failure_claim_without_working_controls_has_no_power(controls, extra, why):
+    found = check(SMALL, row("sensitivity", "gsm8k", 0.0, 1.0, {0: 0.5, 1: 0.5, 2: 0.5}) + extra, controls)
+    [finding] = [f for f in found if f.score.pair == "T -> S"]
+    assert finding.verdict == "no power" and why in finding.why
+
+
+def test_zero_gains_are_no_effect_not_instability():
+    found = check(SMALL, row("sensitivity", "gsm8k", 0.0, 1.0, {0: 0.5, 1: 0.5, 2: 0.5}) + SEEING, CONTROLS)
+    [finding] = [f for f in found if f.score.pair == "T -> S"]
+    assert finding.verdict == "supported" and "(no effect)" in finding.why and "unstable" not in finding.why
+
+
+def test_power_per_pair_and_the_negative_pair_itself():
+    seen = power(row("sensitivity", "gsm8k", 0.0, 1.0, {0: 0.5}) + SEEING, CONTROLS)
+    assert seen[("T -> S", "gsm8k")].visible and "graft Δ +0.400" in seen[("T -> S", "gsm8k")].why
+    assert not seen[("N -> S", "gsm8k")].visible
 
 
 def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
@@ -100,9 +132,10 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     assert "scores-probe.png" in text and "cost-probe.png" in text
     verdicts = re.findall(r"\| (Made-up paper [AB]) \| [^|]+ \| \*\*([^*]+)\*\* \|", text)
     assert [paper for paper, _ in verdicts] == ["Made-up paper A", "Made-up paper B"]
-    assert all(v in ("supported", "not supported", "not significant", "partly supported") or v.startswith("mixed")
+    assert all(v in ("supported", "not supported", "not significant", "partly supported", "no power")
+               or v.startswith("mixed")
                for _, v in verdicts)
-    assert "| lora | probe |" in text and "| lora | pico-teacher -> pico-student | most on probe |" in text
+    assert "| lora | pico | probe |" in text and "| lora | pico-teacher -> pico-student | most on probe |" in text
     again = write_report(Sweep.load(config), ResultStore(tmp_path / "results"), out, "pkt-bench report tiny.yaml",
                          console=quiet)
     assert again == [] and "0 run for this report and 6 reused" in out.read_text()
@@ -122,3 +155,24 @@ def test_report_section_errors_name_the_line(tmp_path):
     config.write_text(TINY.replace("kind: small_and_unstable", "kind: smallish"))
     with pytest.raises(UserError, match=r"bad.yaml:17: claim kind must be one of"):
         ReportConfig.from_sweep(Sweep.load(config))
+
+
+def _record(method, teacher, student, seed, right):
+    items = [{"id": str(i), "exact_match": float(i < right)} for i in range(50)]
+    return {"cell": {"method": method, "task": "probe", "seed": seed, "teacher": teacher, "student": student},
+            "method": method, "task": "probe", "seed": seed, "teacher": teacher, "student": student,
+            "metrics": {"exact_match": right / 50}, "primary_metric": "exact_match", "items": items,
+            "evaluation": {"chance": 0.025}, "wall_s": 1.0}
+
+
+def test_the_pairs_section_has_methods_by_rung_with_deltas_and_a_plot(tmp_path):
+    from pkt_bench.report import _ladder_section
+
+    records = [_record(m, t, s, seed, right) for seed in (0, 1)
+               for (t, s, m, right) in [("pico-kin-teacher", "pico-kin-same", "lora", 1),
+                                        ("pico-kin-teacher", "pico-kin-same", "graft", 30),
+                                        ("pico-teacher", "pico-student", "lora", 1)]]
+    text = _ladder_section(records, "lora", tmp_path / "figs", tmp_path)
+    assert "| method | pico-kin-same | pico |" in text and "(chance 0.025)" in text and "2.0 min of cell" not in text
+    assert "| graft | 0.600 [" in text and "Δ +0.58*" in text and "| – |" in text
+    assert (tmp_path / "figs" / "pairs-probe.png").read_bytes().startswith(b"\x89PNG")

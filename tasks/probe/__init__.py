@@ -1,4 +1,4 @@
-"""The planted-knowledge probe: exact match on facts that only the pico teacher was trained on (see README.md)."""
+"""The planted-knowledge probe: exact match on facts that only a pico teacher was trained on (see README.md)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from pkt_bench.registry import register_task
 
 @register_task("probe")
 class Probe:
-    description = "planted-knowledge probe: held-out facts only the pico teacher knows (exact match)"
+    description = "planted-knowledge probe: held-out facts only the pico teachers know (exact match)"
     reference = "tasks/probe/README.md"
-    version = "1"
+    version = "2"
     transfer_format = "task"  # what `--transfer-format auto` means here: the pico tokenizer has no <|user|>
 
     generation = {"max_new_tokens": 2, "stop": []}  # how a teacher answers a transfer prompt (distillation)
 
     def __init__(self, data_dir: str | Path | None = None, config: pico.PicoConfig = pico.DEFAULT):
+        self.config = config
         self.world = config.world
 
     def transfer_data(self, role: str) -> list[Example]:
@@ -33,8 +34,9 @@ class Probe:
         from transformers import AutoTokenizer
 
         if self.world.held_out[0].entity not in AutoTokenizer.from_pretrained(pair.student.path).get_vocab():
-            raise UserError("the probe task only works with the pico pair (its facts are in no other model's "
-                            "vocabulary); drop --teacher/--student or pick another --task")
+            raise UserError("the probe task only works with the pico pairs (its facts are in no other model's "
+                            "vocabulary); drop --teacher/--student, use --pair (`pkt-bench list pairs`) or pick "
+                            "another --task")
 
     def evaluate(self, target: EvalTarget, limit: int | None) -> EvalResult:
         facts = self.world.held_out[:limit]
@@ -45,4 +47,5 @@ class Probe:
             items.append({"id": fact.id, "prompt": fact.prompt, "target": fact.value, "output": output,
                           "exact_match": float(answer == fact.value)})
         accuracy = sum(item["exact_match"] for item in items) / len(items)
-        return EvalResult(metrics={"exact_match": accuracy}, primary_metric="exact_match", items=items)
+        return EvalResult(metrics={"exact_match": accuracy}, primary_metric="exact_match", items=items,
+                          details={"chance": self.config.chance, "world": self.config.digest()})
