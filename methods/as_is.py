@@ -26,6 +26,7 @@ class AsIs:
     reference = ""
     Config = AsIsConfig
     fine_tunes = False
+    seeded = False  # nothing random: one evaluation (at seed 0) serves the records of every seed
 
     def __init__(self, config: AsIsConfig):
         self.config = config

@@ -117,7 +117,8 @@ class TransferMethod(Protocol):
     whose fields carry their help text in `field(metadata={"help": ...})`.
 
     `fine_tunes` says whether the method runs the shared fine-tuning loop; only then is the run's budget part
-    of the cell's identity. The name is the one given at registration (`@register_method("name")`); one class
+    of the cell's identity. A method with nothing random sets `seeded = False` (the student and teacher as
+    they are): it runs at seed 0 whatever the run's seed, so one record serves every seed. The name is the one given at registration (`@register_method("name")`); one class
     may be registered under several names with preset config values.
 
     A method with an extraction stage (what it takes from the teacher before any fine-tuning) also defines

@@ -2,8 +2,9 @@
 
 Every check that can fail on user input runs before the first cell, so bad input stops the run with nothing
 written. A cell whose record exists is skipped unless `force`. With `references` on, the student and teacher of
-the pair are evaluated on the same task and items too (once: they are cells of their own, stored and reused),
-and each record states their scores beside its own.
+the pair are evaluated on the same task and items too (once per pair, task, limit and evaluation settings: they
+are cells of their own, at seed 0 whatever the run's seed, stored and reused by every method's and seed's
+record), and each record states their scores and keys beside its own.
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ class Cell:
     task_name: str
     task: Task
 
+    @property
+    def seed(self) -> int:
+        """The run's seed; 0 for a method with nothing random (`seeded = False`: the student and teacher as they
+        are), so one evaluation of each serves every seed's records."""
+        return self.spec.seed if getattr(self.method.cls, "seeded", True) else 0
+
     def describe(self) -> dict[str, Any]:
         cell = {
             "method": self.method.name, "method_config": dataclasses.asdict(self.config),
             "teacher": self.pair.teacher.identity, "student": self.pair.student.identity,
-            "task": self.task_name, "task_version": self.task.version, "seed": self.spec.seed,
+            "task": self.task_name, "task_version": self.task.version, "seed": self.seed,
             "data_dir": self.spec.data_dir, "backend": self.spec.backend, "limit": self.spec.limit,
             "device_type": self.pair.device.split(":")[0], "dtype": self.pair.dtype,
             "task_options": dataclasses.asdict(self.task.config) if hasattr(self.task, "Config") else {},
@@ -166,7 +173,7 @@ def _quiet_libraries() -> None:
 def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
               references: dict[str, Any]) -> CellOutcome:
     key = cell.key
-    label = f"{cell.method.name} on {cell.task_name} (seed {cell.spec.seed})"
+    label = f"{cell.method.name} on {cell.task_name} (seed {cell.seed})"
     existing = store.get(key)
     if existing is not None and not force:
         console.print(f"  {label}: record exists, skipped ({store.path(key)}); --force reruns it")
@@ -174,11 +181,11 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
 
     from transformers import set_seed
 
-    set_seed(cell.spec.seed)
+    set_seed(cell.seed)
     workdir = store.partial_artifact_dir(key)  # unique to this process: concurrent runs of a cell never collide
     try:
         meter = StageMeter()
-        ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
+        ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.seed, workdir, meter,
                               task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
                               backend=cell.spec.backend)
         started = time.perf_counter()
@@ -196,7 +203,7 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
     stages = {name: None for name in STAGES} | meter.as_dict()
     record = {
         "schema_version": SCHEMA_VERSION, "key": key, "cell": cell.describe(),
-        "method": cell.method.name, "task": cell.task_name, "seed": cell.spec.seed,
+        "method": cell.method.name, "task": cell.task_name, "seed": cell.seed,
         "teacher": cell.pair.teacher.name, "student": cell.pair.student.name,
         "metrics": result.metrics, "primary_metric": result.primary_metric, "items": result.items,
         "evaluation": result.details,

@@ -18,8 +18,8 @@ other folders. A `report:` section is kept for `pkt_bench.report`.
 Every cell is one `RunSpec` with one method, one task and one seed, and its key is the runner's: rerunning the
 config (or `pkt-bench run` of the same cell) finds the stored record and skips the cell, so a sweep resumes
 where it stopped. Everything that can fail on user input is checked before the first cell runs. The reference
-cells (student and teacher as they are) run first, because every other cell of the same pair, task and seed
-reads their scores. Folders that methods share across cells (extractions, teacher generations) live in the
+cells (student and teacher as they are) run first, once per pair and task at seed 0, because every other cell
+of the same pair and task, whatever its seed, reads their scores. Folders that methods share across cells (extractions, teacher generations) live in the
 results folder's cache, so every seed and budget that does not change them reuses them.
 
 Executors: `local` runs the cells one after another in this process, or in `max_parallel` worker processes;
@@ -233,7 +233,8 @@ class Sweep:
                                                student=student, tasks=grid.tasks, seed=grid.seeds[0],
                                                references=base.references and not is_reference)
                     for cell in plan_cells(spec):
-                        for seed in grid.seeds:
+                        seeded = getattr(cell.method.cls, "seeded", True)  # the student and teacher: seed 0 only
+                        for seed in grid.seeds if seeded else [0]:
                             one = dataclasses.replace(spec, tasks=[cell.task_name], seed=seed)
                             key = dataclasses.replace(cell, spec=one).key
                             cells.setdefault(key, SweepCell(one, key, grid.resources))
