@@ -71,9 +71,13 @@ class Distill:
         teacher = Artifact(kind="model", path=ctx.pair.teacher.path)
         backend = "vllm" if ctx.backend.startswith("vllm") else ctx.backend
         with ctx.stage("extract"):
-            generator = make_target(teacher, backend, ctx.pair.device, ctx.pair.dtype).generator()
-            answers = generator.generate([e.prompt for e in train], max_new_tokens=generation["max_new_tokens"],
-                                         stop=generation.get("stop", ()))
+            target = make_target(teacher, backend, ctx.pair.device, ctx.pair.dtype)
+            try:
+                answers = target.generator().generate([e.prompt for e in train],
+                                                      max_new_tokens=generation["max_new_tokens"],
+                                                      stop=generation.get("stop", ()))
+            finally:
+                target.close()  # the teacher's memory is back before the student loads
         tokenizer = AutoTokenizer.from_pretrained(ctx.pair.teacher.path)
         ctx.costs["teacher_tokens_generated"] = ctx.costs.get("teacher_tokens_generated", 0) + sum(
             len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers)

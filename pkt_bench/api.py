@@ -90,6 +90,10 @@ class EvalTarget(Protocol):
         """The artifact as an lm-eval model (`lm_eval.api.model.LM`) of the target's backend."""
         ...
 
+    def close(self) -> None:
+        """Release what the views loaded (model, engine), so the next model has its memory."""
+        ...
+
 
 class Task(Protocol):
     """A task: transfer data in three roles and an evaluation. Constructed as `TaskClass(data_dir)`, or, when

@@ -194,7 +194,10 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
         with meter.stage("evaluate"):
             target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
                                  cell.spec.eval_batch_size)
-            result = cell.task.evaluate(target, cell.spec.limit)
+            try:
+                result = cell.task.evaluate(target, cell.spec.limit)
+            finally:
+                target.close()  # the engine's memory is back before the next cell loads a model
         if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
             final_dir = store.place_artifact(key, workdir)
             artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
