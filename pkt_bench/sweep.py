@@ -200,7 +200,7 @@ class Sweep:
                     Resources(**resources))
 
     def plan(self, pin_device: bool = False) -> list[SweepCell]:
-        """Every cell of every grid, reference cells first, each once; fills `grid.cells`.
+        """Every cell of every grid, each once, reference cells first, then by seed; fills `grid.cells`.
 
         Raises `UserError` before anything runs: all unregistered methods and tasks at once, then whatever the
         runner's checks find (models, pairs, options). With `pin_device`, a device left on auto becomes cuda
@@ -239,7 +239,9 @@ class Sweep:
                             key = dataclasses.replace(cell, spec=one).key
                             cells.setdefault(key, SweepCell(one, key, grid.resources))
                             grid.cells.append(cells[key])
-        return sorted(cells.values(), key=lambda c: not _is_reference(c))
+        # references first, then every method at the first seed before any at the next: an interrupted run has
+        # a whole table at one seed rather than part of one at several
+        return sorted(cells.values(), key=lambda c: (not _is_reference(c), c.spec.seed))
 
 
 def _is_reference(cell: SweepCell) -> bool:

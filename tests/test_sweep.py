@@ -176,3 +176,32 @@ def test_the_checked_in_reproduction_config_parses(monkeypatch):
     assert {p for g in sweep.grids for p in g.pairs} == {("pico-teacher", "pico-student"),
                                                          ("/models/PKT_QWEN_TEACHER", "/models/PKT_QWEN_STUDENT")}
     assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]
+
+
+def test_the_cpu_grid_parses_and_runs_references_then_seed_0_first(monkeypatch):
+    """sweeps/reproduction-cpu.yaml: the Qwen pair's grid at CPU size, chat template at training and evaluation."""
+    import dataclasses
+
+    from pkt_bench.spec import RunSpec
+
+    if "transfer_format" not in {f.name for f in dataclasses.fields(RunSpec)}:
+        pytest.skip("needs the transfer_format spec key (faithfulness issue)")
+    data = REPO.parent / "shared" / "data" / "eval"
+    if not data.is_dir():
+        pytest.skip(f"no task data at {data}")
+    monkeypatch.setenv("PKT_QWEN_TEACHER", "pico-teacher")
+    monkeypatch.setenv("PKT_QWEN_STUDENT", "pico-student")
+    monkeypatch.setenv("PKT_BENCH_DATA", str(data))
+    sweep = Sweep.load(REPO / "sweeps" / "reproduction-cpu.yaml")
+    methods = ["student", "teacher", "lora", "pissa", "random-init", "teacher-random", "sensitivity", "laten", "distill"]
+    assert all([m for m, _ in g.methods] == methods and g.seeds == [0, 1, 2] for g in sweep.grids)
+    assert [g.tasks for g in sweep.grids] == [["gsm8k-0shot"], ["mmlu"], ["humaneval"], ["mbpp"]]
+    assert [g.base.limit for g in sweep.grids] == [100, 1000, None, 100]
+    base = sweep.grids[0].base
+    assert base.task_options == {"chat_template": True} and base.transfer_format == "chat_template"
+    assert (base.budget.examples, base.budget.epochs, base.budget.optimizer_steps(64)) == (64, 2, 16)
+    cells = sweep.plan()
+    order = [(c.spec.method in ("student", "teacher"), c.spec.seed) for c in cells]
+    assert order == sorted(order, key=lambda o: (not o[0], o[1]))  # references, then seed 0, 1, 2
+    assert sum(1 for reference, _ in order if reference) == 2 * 4  # once per task, not per seed
+    assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]
