@@ -16,6 +16,7 @@ their functions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -153,6 +154,7 @@ class TransferContext:
     data_dir: str | None = None
     cache_dir: Path | None = None
     backend: str = "hf"
+    training: list[dict[str, Any]] = field(default_factory=list)  # each fine-tuning run's stats, for the record
 
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time a stage ("extract", "fine-tune", ...) with its peak memory; the rest counts as "transfer"."""
@@ -191,6 +193,7 @@ class TransferContext:
             stats = finetune(model, tokenizer, examples[: self.budget.examples], self.budget, self.seed)
         self.costs["examples_seen"] = self.costs.get("examples_seen", 0) + stats.examples_seen
         self.costs["optimizer_steps"] = self.costs.get("optimizer_steps", 0) + stats.optimizer_steps
+        self.training.append(dataclasses.asdict(stats))
         return stats
 
     def save_merged(self, model: Any, tokenizer: Any) -> Artifact:

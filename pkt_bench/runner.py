@@ -212,7 +212,7 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
         "evaluation": result.details,
         "references": references,
         "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
-        "stages": stages, "wall_s": round(time.perf_counter() - started, 3),
+        "stages": stages, "wall_s": round(time.perf_counter() - started, 3), "fine_tune": ctx.training,
         "artifact": dataclasses.asdict(artifact), "environment": environment(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
