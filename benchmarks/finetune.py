@@ -7,14 +7,14 @@ bf16 autocast, with and without length grouping and gradient checkpointing.
 Each variant runs in a fresh process on the same gsm8k train examples (the task's fixed transfer sample), LoRA
 rank 16 on every linear matrix (as `methods/lora.py`). Prints one table: seconds per optimizer step (the mean
 over steps after the first), its ratio against the old loop (logits at every position, one cross-entropy over
-[batch x length, vocab]) measured in the same run, peak RSS during training and its growth over the RSS after
+[batch x length, vocab]) measured in the same run (against the first variant that finished, when the old loop
+runs out of memory), peak RSS during training and its growth over the RSS after
 loading, and the losses (the variants must agree to bf16 rounding).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -73,7 +73,7 @@ def child(args, options: dict) -> dict:
         while not done.wait(0.02):
             peak[0] = max(peak[0], rss_bytes())
 
-    times, losses = [], []
+    times: list[float] = []
     original_step = torch.optim.AdamW.step
 
     def timed_step(self, *a, **k):  # one optimizer step ends here: note the time since the previous one
@@ -89,8 +89,8 @@ def child(args, options: dict) -> dict:
     done.set()
     thread.join()
     steps = [b - a for a, b in zip([started, *times], times)]
-    losses = [stats.first_loss, stats.last_loss]
-    return {"step_s": steps, "peak_mb": peak[0] / 2**20, "loaded_mb": loaded / 2**20, "losses": losses,
+    return {"step_s": steps, "peak_mb": peak[0] / 2**20, "loaded_mb": loaded / 2**20,
+            "losses": [stats.first_loss, stats.last_loss],
             "autocast": stats.autocast}
 
 
@@ -122,10 +122,12 @@ def main() -> None:
     base = next(iter(results.values()), None)
     if base is None:
         return
+
     def step(r):
         later = r["step_s"][1:] or r["step_s"]
         return sum(later) / len(later)
-    print(f"\n| variant | s / step | vs old | peak RSS (MB) | growth over loaded (MB) | losses (first, last) |")
+
+    print("\n| variant | s / step | vs first | peak RSS (MB) | growth over loaded (MB) | losses (first, last) |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name.strip()} | {step(r):.1f} | {step(base) / step(r):.2f}x | {r['peak_mb']:.0f} | "
