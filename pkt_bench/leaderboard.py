@@ -58,6 +58,7 @@ class Score:
     delta_high: float | None = None
     p_value: float | None = None
     test: str | None = None
+    top_letter_share: float | None = None  # multiple choice: how often the most predicted letter was chosen
     significant: bool | None = None
 
 
@@ -93,7 +94,8 @@ def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, ba
         per_seed = {r["seed"]: r["metrics"][metric] for r in group}
         mean, std = stats.mean_std(list(per_seed.values()))
         score = Score(label, pair, task, metric, mean, std, len(group), len(group[0]["items"]), per_seed=per_seed,
-                      wall_s=_mean([r.get("wall_s") for r in group]), costs=_mean_costs(group))
+                      wall_s=_mean([r.get("wall_s") for r in group]), costs=_mean_costs(group),
+                      top_letter_share=_mean([r["metrics"].get("top_letter_share") for r in group]))
         outcomes = _outcomes(group, metric)
         if outcomes is not None:
             ci = stats.bootstrap_ci(outcomes[1])
@@ -184,7 +186,10 @@ def score_text(score: Score) -> str:
     text = f" ± {score.std:.3f}" if score.std is not None else ""
     if score.ci_low is not None:
         text += f" [{score.ci_low:.3f}, {score.ci_high:.3f}]"
-    return f"{text} ({score.seeds}×{score.items})"
+    text += f" ({score.seeds}×{score.items})"
+    if score.top_letter_share is not None:  # a model that names one letter for everything shows here
+        text += f" top letter {score.top_letter_share:.0%}"
+    return text
 
 
 def delta_text(score: Score) -> str:

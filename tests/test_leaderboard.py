@@ -125,3 +125,14 @@ def test_task_options_split_columns_not_method_rows():
     assert len(rows) == 2 and {s.method for s in rows} == {"lora"}
     assert len({s.task for s in rows}) == 2 and all(s.task.startswith("gsm8k [") for s in rows)
     assert all(s.seeds == 1 for s in rows)  # 0-shot and 8-shot never pool as seeds of one cell
+
+
+def test_a_collapsed_multiple_choice_model_is_visible_in_its_cell():
+    """MMLU records carry the share of the most predicted letter; the table shows it beside the score."""
+    collapsed = rec("student", "mmlu", 0, 0.25)
+    collapsed["metrics"]["top_letter_share"] = 0.952
+    fine = rec("lora", "mmlu", 0, 0.40)
+    fine["metrics"]["top_letter_share"] = 0.31
+    md = render(scores([collapsed, fine, rec("lora", "gsm8k", 0, 0.2)]), "md")
+    assert "0.250 (1×4) top letter 95%" in md and "**0.400** (1×4) top letter 31%" in md
+    assert "**0.200** (1×4) |" in md  # tasks without letters show none
