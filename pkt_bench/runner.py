@@ -26,7 +26,7 @@ from pkt_bench.evaluate import check_backend, make_target
 from pkt_bench.models import ModelPair
 from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
-from pkt_bench.stages import StageMeter
+from pkt_bench.stages import StageMeter, release_memory
 from pkt_bench.store import ResultStore
 
 STAGES = ("extract", "transfer", "fine-tune", "evaluate")
@@ -191,6 +191,7 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
         started = time.perf_counter()
         with meter.stage("transfer"):
             artifact = cell.method.cls(cell.config).transfer(ctx)
+        release_memory()  # the trained model's pages go back before the evaluation loads the artifact
         with meter.stage("evaluate"):
             target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
                                  cell.spec.eval_batch_size)
