@@ -41,7 +41,7 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pkt_bench.finetune import _collate, cross_entropy, encode
+    from pkt_bench.finetune import _collate, encode, response_ce
     from pkt_bench.methods.hidden_kd import hidden_objective
     from pkt_bench.methods.kd import Distillation, OnlineTeacher
     from pkt_bench.methods.semalign.objectives import Cosine, Frontier, OnlineTargets
@@ -65,7 +65,7 @@ def main() -> None:
     last = {s.num_hidden_layers: sources[s.num_hidden_layers]}
     head = student.get_base_model().get_output_embeddings().weight.detach()
     objectives = {
-        "lora (CE)": cross_entropy,
+        "lora (CE)": response_ce,
         "kd": Distillation(teacher, 0.5, 2.0, vocab),
         "hidden-kd": hidden_objective(teacher, t.num_hidden_layers, s.num_hidden_layers, t.hidden_size,
                                       s.hidden_size, 1.0, 0, "cpu"),

@@ -27,6 +27,7 @@ class AsIs:
     Config = AsIsConfig
     fine_tunes = False
     uses_transfer_data = False  # so the transfer format is no part of its cell: one reference for all formats
+    seeded = False  # nothing random: one evaluation (at seed 0) serves the records of every seed
 
     def __init__(self, config: AsIsConfig):
         self.config = config

@@ -74,9 +74,13 @@ class Distill:
         teacher = Artifact(kind="model", path=ctx.pair.teacher.path)
         backend = "vllm" if ctx.backend.startswith("vllm") else ctx.backend
         with ctx.stage("extract"):
-            generator = make_target(teacher, backend, ctx.pair.device, ctx.pair.dtype).generator()
-            answers = generator.generate([e.prompt for e in train], max_new_tokens=generation["max_new_tokens"],
-                                         stop=generation.get("stop", ()))
+            target = make_target(teacher, backend, ctx.pair.device, ctx.pair.dtype)
+            try:
+                answers = target.generator().generate([e.prompt for e in train],
+                                                      max_new_tokens=generation["max_new_tokens"],
+                                                      stop=generation.get("stop", ()))
+            finally:
+                target.close()  # the teacher's memory is back before the student loads
         tokenizer = AutoTokenizer.from_pretrained(ctx.pair.teacher.path)
         spent = {"teacher_forward": len(train),  # the canonical counters, so cost tables compare it with PKT
                  "teacher_tokens": sum(len(tokenizer(e.prompt).input_ids) for e in train),

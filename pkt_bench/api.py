@@ -16,6 +16,7 @@ their functions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -90,6 +91,10 @@ class EvalTarget(Protocol):
         """The artifact as an lm-eval model (`lm_eval.api.model.LM`) of the target's backend."""
         ...
 
+    def close(self) -> None:
+        """Release what the views loaded (model, engine), so the next model has its memory."""
+        ...
+
 
 class Task(Protocol):
     """A task: transfer data in three roles and an evaluation. Constructed as `TaskClass(data_dir)`, or, when
@@ -117,7 +122,8 @@ class TransferMethod(Protocol):
     whose fields carry their help text in `field(metadata={"help": ...})`.
 
     `fine_tunes` says whether the method runs the shared fine-tuning loop; only then is the run's budget part
-    of the cell's identity. The name is the one given at registration (`@register_method("name")`); one class
+    of the cell's identity. A method with nothing random sets `seeded = False` (the student and teacher as
+    they are): it runs at seed 0 whatever the run's seed, so one record serves every seed. The name is the one given at registration (`@register_method("name")`); one class
     may be registered under several names with preset config values.
 
     A method with an extraction stage (what it takes from the teacher before any fine-tuning) also defines
@@ -152,6 +158,7 @@ class TransferContext:
     cache_dir: Path | None = None
     backend: str = "hf"
     transfer_format: str = "task"  # resolved (pkt_bench.formats): how `examples` writes the task's examples out
+    training: list[dict[str, Any]] = field(default_factory=list)  # each fine-tuning run's stats, for the record
 
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time a stage ("extract", "fine-tune", ...) with its peak memory; the rest counts as "transfer"."""
@@ -200,6 +207,7 @@ class TransferContext:
             stats = finetune(model, tokenizer, examples[: self.budget.examples], self.budget, self.seed, objective)
         self.costs["examples_seen"] = self.costs.get("examples_seen", 0) + stats.examples_seen
         self.costs["optimizer_steps"] = self.costs.get("optimizer_steps", 0) + stats.optimizer_steps
+        self.training.append(dataclasses.asdict(stats))
         return stats
 
     def save_merged(self, model: Any, tokenizer: Any) -> Artifact:

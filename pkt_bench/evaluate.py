@@ -10,12 +10,14 @@ model) in one of the generation backends.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pkt_bench.api import Artifact, Generator, UserError
+from pkt_bench.stages import release_memory
 
 BACKENDS = ("hf", "vllm", "vllm-lora")
 NEUTRAL_ENGINE_ARGS = ("gpu_memory_utilization", "tensor_parallel_size", "swap_space", "cpu_offload_gb")
@@ -57,6 +59,11 @@ class HFTarget:
         model, tokenizer = self.model_and_tokenizer()
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
 
+    def close(self) -> None:
+        """Drop the loaded model, so its memory is free before the next model loads."""
+        self._loaded = None
+        release_memory()
+
 
 @dataclass
 class VLLMTarget:
@@ -68,6 +75,7 @@ class VLLMTarget:
     batch_size: int = 16
     lora_request: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's engine as lm-eval's model_args
+    engine_settings: dict[str, str] = field(default_factory=dict)
     _lm: Any = field(default=None, repr=False)
     _merged: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
@@ -96,6 +104,10 @@ class VLLMTarget:
 
             # the engine in this process: no spawned engine process re-importing the caller's main module
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if self.device.startswith("cpu"):
+                self.engine_settings = vllm_cpu_settings(self._model_folder(), self.batch_size)
+                for name, value in self.engine_settings.items():
+                    os.environ.setdefault(name, value)  # a user's own setting wins
             VLLM = _lm_eval_vllm_class()
 
             lora = self.artifact.path if self.lora_request and self.artifact.kind == "adapter" else None
@@ -112,11 +124,68 @@ class VLLMTarget:
 
         return load_model(self._model_folder(), "cpu", self.dtype)
 
+    def close(self) -> None:
+        """Shut the engine down and return its memory (weights, KV cache) before the next model loads."""
+        if self._lm is not None:
+            engine = getattr(getattr(self._lm.model, "llm_engine", None), "engine_core", None)
+            if hasattr(engine, "shutdown"):
+                engine.shutdown()
+            self._lm = None
+            try:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+            except ImportError:
+                pass
+            else:
+                cleanup_dist_env_and_memory()
+        if self._merged is not None:
+            self._merged.cleanup()
+            self._merged = None
+        release_memory()
+
     def generator(self) -> Generator:
         from pkt_bench.generate import VLLMGenerator
 
         lm = self.lm_eval_model()
         return VLLMGenerator(lm.model, lora_request=lm.lora_request)
+
+
+KV_TOKENS_PER_ROW = 4096
+"""Tokens of KV cache vLLM's CPU backend reserves per row of a batch (prompt + generation of every protocol here)."""
+
+
+def vllm_cpu_settings(model_folder: str, batch_size: int, cpus: list[int] | None = None) -> dict[str, str]:
+    """vLLM's CPU backend settings for this machine and model (environment variables, as vLLM reads them).
+
+    - `VLLM_CPU_OMP_THREADS_BIND`: every core this process may use. Left on "auto", vLLM keeps one core back
+      for a serving front end, which leaves a 2-core machine generating on one thread; the engine runs in
+      this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so there is no front end to keep it for.
+    - `VLLM_CPU_NUM_OF_RESERVED_CPU`: 0, for the same reason.
+    - `VLLM_CPU_KVCACHE_SPACE` (GiB): what a full batch needs, `batch_size` rows of `KV_TOKENS_PER_ROW` tokens
+      of keys and values in every layer (in 16 bits), instead of a fixed default sized for serving many users.
+    """
+    import json
+    import os
+
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    config = json.loads((Path(model_folder) / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 2  # K and V
+    gib = max(1, math.ceil(batch_size * KV_TOKENS_PER_ROW * per_token / 2**30))
+    return {"VLLM_CPU_OMP_THREADS_BIND": _ranges(cpus), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(gib)}
+
+
+def _ranges(cpus: list[int]) -> str:
+    """CPU ids as vLLM's bind list: "0-3,6"."""
+    runs: list[list[int]] = []
+    for cpu in cpus:
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
 
 
 def _lm_eval_vllm_class():

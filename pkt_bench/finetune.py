@@ -7,11 +7,20 @@ returning a loss summed over the micro-batch's response tokens (distillation add
 that is a `torch.nn.Module` (a learned projection) has its trainable parameters in the optimizer too. AdamW,
 linear warmup then linear decay, gradient clipping, seeded shuffling. The model is trained in the dtype it was
 loaded in (bf16 on CUDA by default); PEFT keeps adapter weights in fp32.
+
+Memory: the LM head runs only at the positions that predict a response token, and the default loss takes its
+cross-entropy over those in chunks of `LOSS_CHUNK` tokens, each recomputed in the backward pass, so no
+[batch, length, vocab] block (152k columns for Qwen2.5) is ever held. Budget options trade speed for memory
+without changing the maths: `autocast` (bf16 matmuls over fp32 weights), `group_by_length` (micro-batches of
+similar lengths, so padding does not dominate) and `gradient_checkpointing` (the decoder's activations
+recomputed in the backward pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +30,13 @@ from transformers import get_linear_schedule_with_warmup
 from pkt_bench.api import Example
 from pkt_bench.spec import Budget
 
+LOSS_CHUNK = 1024
+"""Response tokens per chunk of the default loss: the LM head's output is [LOSS_CHUNK, vocab] at a time."""
+
+Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+"""`objective(model, batch)`: the loss SUMMED over the micro-batch's response tokens (the loop divides by the
+optimizer step's response-token count)."""
+
 
 @dataclass
 class TrainStats:
@@ -28,6 +44,7 @@ class TrainStats:
     optimizer_steps: int
     first_loss: float
     last_loss: float
+    autocast: str = "off"
 
 
 def encode(example: Example, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
@@ -53,40 +70,98 @@ def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> di
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [N, V] at the N positions that predict a response token, those tokens [N]); the LM head runs on
-    those positions only."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state  # [B, T, D]
-    targets = batch["labels"][:, 1:]
+def response_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states at the positions that predict a response token [N, d] and those tokens [N].
+
+    Llama/Qwen2-style models only: logits are `get_output_embeddings()(hidden)`, with no scaling or soft-capping.
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state  # [B, T, d]
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     keep = targets != -100
-    return causal.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep]
+    return hidden[:, :-1][keep], targets[keep]
 
 
-def cross_entropy(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The default objective: next-token cross-entropy summed over the batch's response tokens."""
-    logits, targets = response_logits(model, batch)
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a response token [N, vocab] and those tokens [N] (for objectives that
+    need the whole distribution, e.g. distillation against a teacher's logits)."""
+    hidden, targets = response_hidden(model, batch)
+    return model.get_output_embeddings()(hidden), targets
 
 
-def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: int, objective=None) -> TrainStats:
-    """Train the trainable parameters of `model` (and of an `nn.Module` objective) on `examples` under `budget`."""
+def _summed_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def response_ce(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """The default objective: next-token cross-entropy summed over the response tokens, `chunk` tokens of logits
+    at a time (each chunk's logits are recomputed in the backward pass instead of kept)."""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden, targets = response_hidden(model, batch)
+    head = model.get_output_embeddings()
+    total = hidden.sum() * 0.0  # keeps the graph when no response token survived truncation
+    for start in range(0, len(targets), chunk):
+        total = total + checkpoint(_summed_ce, head, hidden[start : start + chunk], targets[start : start + chunk],
+                                   use_reentrant=False)
+    return total
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast is faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = info.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_autocast(setting: str, model) -> str:
+    """The autocast the loop uses: "bf16" or "off" ("auto": bf16 for an fp32 model on a CPU with bf16 instructions)."""
+    if setting != "auto":
+        return setting
+    param = next(model.parameters())
+    return "bf16" if param.device.type == "cpu" and param.dtype == torch.float32 and cpu_has_bf16() else "off"
+
+
+def micro_batches(rows: list[tuple[list[int], list[int]]], budget: Budget, seed: int) -> list[list]:
+    """The micro-batches of all epochs: a seeded permutation per epoch, cut into `batch_size` rows. With
+    `group_by_length`, each window of 16 batches of the permutation is sorted by length before it is cut, and the
+    epoch's batches are then shuffled (as transformers' `group_by_length` does), so rows of a batch pad little."""
+    order = torch.Generator().manual_seed(seed)
+    size, batches = budget.batch_size, []
+    for _ in range(budget.epochs):
+        perm = torch.randperm(len(rows), generator=order).tolist()
+        if not budget.group_by_length:
+            batches += [[rows[i] for i in perm[start : start + size]] for start in range(0, len(perm), size)]
+            continue
+        window = 16 * size
+        perm = [i for start in range(0, len(perm), window)
+                for i in sorted(perm[start : start + window], key=lambda i: -len(rows[i][0]))]
+        epoch = [[rows[i] for i in perm[start : start + size]] for start in range(0, len(perm), size)]
+        batches += [epoch[i] for i in torch.randperm(len(epoch), generator=order).tolist()]
+    return batches
+
+
+def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: int,
+             objective: Objective | None = None) -> TrainStats:
+    """Train the trainable parameters of `model` on `examples` under `budget`; `objective` replaces the default
+    response cross-entropy (`response_ce`)."""
     assert examples, "the task handed out no train examples"
+    objective = objective or response_ce
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     rows = [encode(example, tokenizer, budget.max_length) for example in examples]
-    order = torch.Generator().manual_seed(seed)
-    micro_batches = [
-        [rows[i] for i in perm[start : start + budget.batch_size]]
-        for _ in range(budget.epochs)
-        for perm in [torch.randperm(len(rows), generator=order).tolist()]
-        for start in range(0, len(rows), budget.batch_size)
-    ]
-    steps = [micro_batches[i : i + budget.grad_accum] for i in range(0, len(micro_batches), budget.grad_accum)]
+    batches = micro_batches(rows, budget, seed)
+    steps = [batches[i : i + budget.grad_accum] for i in range(0, len(batches), budget.grad_accum)]
     assert len(steps) == budget.optimizer_steps(len(rows))
 
-    objective = objective or cross_entropy
+    autocast = resolve_autocast(budget.autocast, model)
+    precision = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast == "bf16"
+                 else contextlib.nullcontext())
+    if budget.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     if isinstance(objective, torch.nn.Module):
         params += [p for p in objective.parameters() if p.requires_grad]
@@ -103,8 +178,8 @@ def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: in
             n_tokens = sum(sum(label != -100 for label in labels[1:]) for batch in group for _, labels in batch)
             total = 0.0
             for batch in group:
-                inputs = _collate(batch, pad_id, device)
-                loss = objective(model, inputs) / max(n_tokens, 1)  # summed over response tokens, / the step's
+                with precision:
+                    loss = objective(model, _collate(batch, pad_id, device)) / max(n_tokens, 1)
                 loss.backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(params, budget.max_grad_norm)
@@ -113,6 +188,8 @@ def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: in
             optimizer.zero_grad(set_to_none=True)
             losses.append(total)
             progress.update(bar, advance=1, loss=f"{total:.3f}")
+    if budget.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
     return TrainStats(examples_seen=len(rows) * budget.epochs, optimizer_steps=len(steps),
-                      first_loss=losses[0], last_loss=losses[-1])
+                      first_loss=losses[0], last_loss=losses[-1], autocast=autocast)

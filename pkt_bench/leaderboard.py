@@ -66,6 +66,7 @@ class Score:
     delta_high: float | None = None
     p_value: float | None = None
     test: str | None = None
+    top_letter_share: float | None = None  # multiple choice: how often the most predicted letter was chosen
     significant: bool | None = None
     name: str = ""  # the registered method name
     config: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +108,8 @@ def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, ba
         cell = group[0]["cell"]
         score = Score(label, pair, task, metric, mean, std, len(group), len(group[0]["items"]), per_seed=per_seed,
                       wall_s=_mean([r.get("wall_s") for r in group]), costs=_mean_costs(group), name=method,
-                      config=dict(cell.get("method_config") or {}), budget=cell.get("budget"))
+                      config=dict(cell.get("method_config") or {}), budget=cell.get("budget"),
+                      top_letter_share=_mean([r["metrics"].get("top_letter_share") for r in group]))
         outcomes = _outcomes(group, metric)
         if outcomes is not None:
             ci = stats.bootstrap_ci(outcomes[1])
@@ -316,7 +318,10 @@ def score_text(score: Score) -> str:
     text = f" ± {score.std:.3f}" if score.std is not None else ""
     if score.ci_low is not None:
         text += f" [{score.ci_low:.3f}, {score.ci_high:.3f}]"
-    return f"{text} ({score.seeds}×{score.items})"
+    text += f" ({score.seeds}×{score.items})"
+    if score.top_letter_share is not None:  # a model that names one letter for everything shows here
+        text += f" top letter {score.top_letter_share:.0%}"
+    return text
 
 
 def delta_text(score: Score, two_lines: bool = False) -> str:

@@ -132,6 +132,18 @@ class LmEvalTask:
         """Options the YAML's dataset loader needs beyond the data folder."""
         return {}
 
+    def select(self, limit: int | None) -> tuple[list[int] | None, str]:
+        """The test items that `limit` evaluates, as sorted indices (None: lm-eval's first `limit`), and how they
+        were chosen, in words for the record."""
+        n = len(self.docs(self.test_split))
+        if limit is None or limit >= n:
+            return None, f"all {n} test items"
+        return None, f"the first {limit} of {n} test items"
+
+    def summary(self, items: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics computed over all scored items, after lm-eval's (e.g. a check for a collapsed model)."""
+        return {}
+
     def item_view(self, sample: dict[str, Any]) -> dict[str, Any]:
         """What a record keeps of one lm-eval sample besides its id and metrics."""
         outputs = [r for resps in sample["resps"] for r in resps]
@@ -185,7 +197,10 @@ class LmEvalTask:
     def evaluate(self, target: EvalTarget, limit: int | None) -> EvalResult:
         _quiet_lm_eval()
         lm = target.lm_eval_model()
-        return self._run(lm, limit, backend=getattr(target, "backend", type(lm).__name__))
+        result = self._run(lm, limit, backend=getattr(target, "backend", type(lm).__name__))
+        if getattr(target, "engine_settings", None):
+            result.details["engine_settings"] = target.engine_settings  # vLLM's CPU threads and KV cache
+        return result
 
     def score(self, predictions: str | Path, limit: int | None = None) -> EvalResult:
         """Score completions produced elsewhere (`pkt-bench score`) with the same scorer as `evaluate`: all test
@@ -201,8 +216,10 @@ class LmEvalTask:
             raise UserError(f"predictions file {str(path)!r} does not exist; give a JSONL file, one "
                             f"{{\"id\": ..., \"completion\": ...}} per line")
         ids = self.test_ids()
-        index = {ident: i for i, ident in enumerate(ids)}
-        wanted = len(ids) if limit is None else min(limit, len(ids))
+        chosen, _ = self.select(limit)
+        chosen = chosen if chosen is not None else range(len(ids) if limit is None else min(limit, len(ids)))
+        index = {ids[position]: i for i, position in enumerate(chosen)}  # id -> place among the chosen items
+        wanted, known = len(chosen), set(ids)
         samples: list[list[str]] = [[] for _ in range(wanted)]
         first_line: dict[int, int] = {}
         with path.open(encoding="utf-8") as lines:
@@ -219,7 +236,7 @@ class LmEvalTask:
                 ident = row.get("id", row.get("task_id"))
                 if ident is None:
                     raise UserError(f"{path}:{number}: no \"id\"; give each line the item id, e.g. {ids[0]!r}")
-                if str(ident) not in index:
+                if str(ident) not in known:
                     raise UserError(f"{path}:{number}: unknown id {ident!r}; this task's ids run {ids[0]!r} to "
                                     f"{ids[-1]!r}")
                 completion = row.get("completion")
@@ -228,18 +245,18 @@ class LmEvalTask:
                 problem = self.check_completion(completion)
                 if problem:
                     raise UserError(f"{path}:{number}: {problem}")
-                i = index[str(ident)]
-                if i >= wanted:
+                if str(ident) not in index:  # an item the limit leaves out
                     continue
+                i = index[str(ident)]
                 if samples[i] and not self.executes_code:
                     raise UserError(f"{path}:{number}: id {ident!r} appears twice (first on line {first_line[i]}); "
                                     f"give one line per item")
                 first_line.setdefault(i, number)
                 samples[i].append(completion)
-        missing = [ids[i] for i, got in enumerate(samples) if not got]
+        missing = [ids[chosen[i]] for i, got in enumerate(samples) if not got]
         if missing:
             raise UserError(f"{path}: no completion for {len(missing)} of {wanted} items, first id "
-                            f"{missing[0]!r}; give every test item a line (or --limit N for the first N)")
+                            f"{missing[0]!r}; give every test item a line (or --limit N for fewer)")
         counts = sorted({len(got) for got in samples})
         if len(counts) > 1:
             raise UserError(f"{path}: items have {counts[0]} to {counts[-1]} completions; give each item the same "
@@ -263,14 +280,17 @@ class LmEvalTask:
         for key, value in settings.items():
             task.set_config(key=key, value=value, update=isinstance(value, dict))
         fitted = _fit_generation(task, lm)
+        chosen, how = self.select(limit)
         results = evaluator.evaluate(
-            lm, loaded, limit=limit, bootstrap_iters=0, log_samples=True,
+            lm, loaded, limit=None if chosen else limit, samples={name: chosen} if chosen else None,
+            bootstrap_iters=0, log_samples=True,
             apply_chat_template=self.config.chat_template, fewshot_as_multiturn=False,
             confirm_run_unsafe_code=self.allow_code_execution,
         )
-        return self._result(results, name, task, backend, fitted)
+        return self._result(results, name, task, backend, fitted, how)
 
-    def _result(self, results: dict[str, Any], name: str, task, backend: str, fitted: int | None) -> EvalResult:
+    def _result(self, results: dict[str, Any], name: str, task, backend: str, fitted: int | None,
+                how: str) -> EvalResult:
         import lm_eval
 
         metrics = {}
@@ -281,12 +301,13 @@ class LmEvalTask:
         samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
         items = [{"id": self.item_id(s["doc_id"], s["doc"]), **self.item_view(s),
                   **{m: float(s[m]) for m in s["metrics"]}} for s in samples]
+        metrics.update(self.summary(items))
         generation = task.config.generation_kwargs if task.config.output_type == "generate_until" else None
         details = {
             "lm_eval_version": lm_eval.__version__, "lm_eval_task": name, "backend": backend,
             "num_fewshot": task.config.num_fewshot, "repeats": task.config.repeats,
             "generation_kwargs": generation, "chat_template": self.config.chat_template,
-            "max_gen_toks_cut_to": fitted, "example_prompt": samples[0]["arguments"][0][0] if samples else None,
+            "max_gen_toks_cut_to": fitted, "items_chosen": how, "example_prompt": samples[0]["arguments"][0][0] if samples else None,
         }
         primary = next(iter(metrics))
         return EvalResult(metrics=metrics, primary_metric=primary, items=items, details=details)

@@ -116,6 +116,7 @@ class ReportConfig:
     baseline: str
     claims: list[Claim] = field(default_factory=list)
     controls: Controls | None = None
+    notes: str = ""  # markdown under the header: the weights' provenance, published scores, protocol choices
 
     @classmethod
     def from_sweep(cls, sweep: Sweep) -> ReportConfig:
@@ -124,14 +125,17 @@ class ReportConfig:
         def fail(key: str, message: str) -> UserError:
             return UserError(f"{sweep.where(f'report.{key}')}: {message}")
 
-        known = ("title", "baseline", "claims", "controls")
+        known = ("title", "baseline", "claims", "controls", "notes")
         for key in data:
             if key not in known:
                 raise fail(key, f"unknown report key '{key}'; known keys: {', '.join(known)}")
         title = data.get("title", "pkt-bench reproduction report")
         baseline = data.get("baseline", "lora")
+        notes = data.get("notes", "")
         if not isinstance(title, str) or not isinstance(baseline, str):
             raise fail("baseline", "report 'title' and 'baseline' must be strings")
+        if not isinstance(notes, str):
+            raise fail("notes", "report 'notes' must be a markdown string (use a YAML block: notes: |)")
         for grid in sweep.grids:
             references = ["student", "teacher"] if grid.base.references else []
             if baseline not in [m for m, _ in grid.methods] + references:
@@ -154,7 +158,7 @@ class ReportConfig:
             if absent:
                 raise fail(f"{where}.methods", f"methods {', '.join(absent)} are in no grid; add them to methods:")
             claims.append(claim)
-        return cls(title, baseline, claims, _controls(data.get("controls"), sweep, fail))
+        return cls(title, baseline, claims, _controls(data.get("controls"), sweep, fail), notes.strip())
 
 
 def _controls(data: Any, sweep: Sweep, fail) -> Controls | None:
@@ -307,7 +311,8 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     every = [r for r in (store.get(c.key) for c in outcome.cells) if r is not None]
     if len({(r["teacher"], r["student"]) for r in every}) > 1:
         sections.append(_ladder_section(every, config.baseline, figures, out.parent))
-    text = "\n".join([_header(config, sweep, store, outcome, command), _summary(config, summary), *sections,
+    notes = [config.notes + "\n"] if config.notes else []
+    text = "\n".join([_header(config, sweep, store, outcome, command), *notes, _summary(config, summary), *sections,
                       _method_notes()])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -359,8 +364,7 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
     b = grid.base.budget
     pairs = "; ".join(f"{t} → {s}" for t, s in grid.pairs)
     parts = [f"## {grid.name}: {pairs}", "",
-             f"Tasks {', '.join(grid.tasks)}, evaluated on {'the first ' + str(grid.base.limit) if grid.base.limit else 'all'}"
-             f" items; seeds {', '.join(map(str, grid.seeds))}; budget for methods that fine-tune: {b.examples} "
+             f"Tasks {', '.join(grid.tasks)}, evaluated on {_items(grid.base.limit)}; seeds {', '.join(map(str, grid.seeds))}; budget for methods that fine-tune: {b.examples} "
              f"train examples × {b.epochs} epochs, batch {b.batch_size} × accum {b.grad_accum}, lr {b.lr:g}, "
              f"max length {b.max_length}; ran on {' and '.join(devices)}.", "",
              render(rows, "md"), ""]
@@ -470,6 +474,13 @@ def _ladder_plot(rows: list[Score], pairs: list[str], methods: list[str], task: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _items(limit: int | None) -> str:
+    if limit is None:
+        return "all items"
+    return (f"--limit {limit} items (each task's choice, stated in every record's `evaluation.items_chosen`: the "
+            f"first {limit}, or for mmlu the same number from every subject)")
 
 
 def _method_notes() -> str:

@@ -2,8 +2,9 @@
 
 Every check that can fail on user input runs before the first cell, so bad input stops the run with nothing
 written. A cell whose record exists is skipped unless `force`. With `references` on, the student and teacher of
-the pair are evaluated on the same task and items too (once: they are cells of their own, stored and reused),
-and each record states their scores beside its own.
+the pair are evaluated on the same task and items too (once per pair, task, limit and evaluation settings: they
+are cells of their own, at seed 0 whatever the run's seed, stored and reused by every method's and seed's
+record), and each record states their scores and keys beside its own.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pkt_bench.evaluate import NEUTRAL_ENGINE_ARGS, check_backend, make_target
 from pkt_bench.models import ModelPair, context_length
 from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
-from pkt_bench.stages import StageMeter
+from pkt_bench.stages import StageMeter, release_memory
 from pkt_bench.store import ResultStore
 
 STAGES = ("extract", "transfer", "fine-tune", "evaluate")
@@ -54,11 +55,17 @@ class Cell:
 
         return resolve(self.spec.transfer_format, self.task)
 
+    @property
+    def seed(self) -> int:
+        """The run's seed; 0 for a method with nothing random (`seeded = False`: the student and teacher as they
+        are), so one evaluation of each serves every seed's records."""
+        return self.spec.seed if getattr(self.method.cls, "seeded", True) else 0
+
     def describe(self) -> dict[str, Any]:
         cell = {
             "method": self.method.name, "method_config": dataclasses.asdict(self.config),
             "teacher": self.pair.teacher.identity, "student": self.pair.student.identity,
-            "task": self.task_name, "task_version": self.task.version, "seed": self.spec.seed,
+            "task": self.task_name, "task_version": self.task.version, "seed": self.seed,
             "data_dir": self.spec.data_dir, "backend": self.spec.backend, "limit": self.spec.limit,
             "device_type": self.pair.device.split(":")[0], "dtype": self.pair.dtype,
             "task_options": dataclasses.asdict(self.task.config) if hasattr(self.task, "Config") else {},
@@ -274,7 +281,7 @@ def _quiet_libraries() -> None:
 def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
               references: dict[str, Any], overwrite_unreadable: bool = False) -> CellOutcome:
     key = cell.key
-    label = f"{cell.method.name} on {cell.task_name} (seed {cell.spec.seed})"
+    label = f"{cell.method.name} on {cell.task_name} (seed {cell.seed})"
     existing = None if force else store.get(key, unreadable_ok=overwrite_unreadable)
     if existing is not None and not force:
         console.print(f"  {label}: record exists, skipped ({store.path(key)}); --force reruns it")
@@ -282,7 +289,7 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
 
     from transformers import set_seed
 
-    set_seed(cell.spec.seed)
+    set_seed(cell.seed)
     workdir = store.partial_artifact_dir(key)  # unique to this process: concurrent runs of a cell never collide
     try:
         with progress_line(console, label) as show:
@@ -294,30 +301,34 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
 def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[str, Any], key: str, label: str,
              workdir: Path, meter: StageMeter) -> CellOutcome:
     """Transfer, evaluate and store one cell, measuring its stages with `meter`."""
-    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.spec.seed, workdir, meter,
+    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.seed, workdir, meter,
                           task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
                           backend=cell.spec.backend, transfer_format=cell.transfer_format)
     started = time.perf_counter()
     with meter.stage("transfer"):
         artifact = cell.method.cls(cell.config).transfer(ctx)
+    release_memory()  # the trained model's pages go back before the evaluation loads the artifact
     with meter.stage("evaluate"):
         target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
                              cell.spec.eval_batch_size, cell.spec.vllm_args)
-        result = cell.task.evaluate(target, cell.spec.limit)
+        try:
+            result = cell.task.evaluate(target, cell.spec.limit)
+        finally:
+            target.close()  # the engine's memory is back before the next cell loads a model
     if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
         final_dir = store.place_artifact(key, workdir)
         artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
     stages = {name: None for name in STAGES} | meter.as_dict()
     record = {
         "schema_version": SCHEMA_VERSION, "key": key, "cell": cell.describe(),
-        "method": cell.method.name, "task": cell.task_name, "seed": cell.spec.seed,
+        "method": cell.method.name, "task": cell.task_name, "seed": cell.seed,
         "teacher": cell.pair.teacher.name, "student": cell.pair.student.name,
         "transfer_format": cell.transfer_format if getattr(cell.method.cls, "uses_transfer_data", True) else None,
         "metrics": result.metrics, "primary_metric": result.primary_metric, "items": result.items,
         "evaluation": result.details,
         "references": references,
         "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
-        "stages": stages, "wall_s": round(time.perf_counter() - started, 3),
+        "stages": stages, "wall_s": round(time.perf_counter() - started, 3), "fine_tune": ctx.training,
         "artifact": dataclasses.asdict(artifact), "environment": environment(),
         **({"vllm_args": cell.spec.vllm_args} if cell.spec.vllm_args else {}),  # every setting, neutral ones too
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

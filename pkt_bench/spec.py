@@ -19,6 +19,7 @@ import yaml
 from pkt_bench.api import UserError
 
 SCHEMA_VERSION = 1
+AUTOCASTS = ("off", "bf16", "auto")
 
 
 class SpecKeyError(UserError):
@@ -42,6 +43,13 @@ class Budget:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example (prompt + response), cut beyond"})
+    autocast: str = field(default="off", metadata={
+        "help": "bf16 autocast of the forward pass over fp32 weights: off, bf16, or auto (bf16 on a CPU with bf16 "
+                "instructions for an fp32 model)"})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "micro-batches of similar lengths (less padding; the batches' order stays seeded)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the decoder's activations in the backward pass (less memory, ~1/3 more compute)"})
 
     def __post_init__(self) -> None:
         for name in ("examples", "epochs", "batch_size", "grad_accum", "max_length"):
@@ -53,6 +61,11 @@ class Budget:
                 raise UserError(f"budget {name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"budget warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.autocast not in AUTOCASTS:
+            raise UserError(f"budget autocast must be one of {', '.join(AUTOCASTS)}, got {self.autocast!r}")
+        for name in ("group_by_length", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"budget {name} must be true or false, got {getattr(self, name)!r}")
         if not self.weight_decay >= 0:
             raise UserError(f"budget weight_decay must be >= 0, got {self.weight_decay!r}")
 

@@ -28,6 +28,22 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_memory() -> None:
+    """Hand freed memory back before the next model loads: Python's cycles, glibc's free lists (which otherwise
+    keep a dropped model's pages in the process), and the CUDA cache."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.empty_cache()
+
+
 def _cuda():
     torch = sys.modules.get("torch")  # never import torch just to measure
     return torch.cuda if torch is not None and torch.cuda.is_available() else None

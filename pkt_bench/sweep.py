@@ -18,8 +18,8 @@ other folders. A `report:` section is kept for `pkt_bench.report`.
 Every cell is one `RunSpec` with one method, one task and one seed, and its key is the runner's: rerunning the
 config (or `pkt-bench run` of the same cell) finds the stored record and skips the cell, so a sweep resumes
 where it stopped. Everything that can fail on user input is checked before the first cell runs. The reference
-cells (student and teacher as they are) run first, because every other cell of the same pair, task and seed
-reads their scores. Folders that methods share across cells (extractions, teacher generations) live in the
+cells (student and teacher as they are) run first, once per pair and task at seed 0, because every other cell
+of the same pair and task, whatever its seed, reads their scores. Folders that methods share across cells (extractions, teacher generations) live in the
 results folder's cache, so every seed and budget that does not change them reuses them.
 
 Executors: `local` runs the cells one after another in this process, or in `max_parallel` worker processes;
@@ -200,7 +200,7 @@ class Sweep:
                     Resources(**resources))
 
     def plan(self, pin_device: bool = False) -> list[SweepCell]:
-        """Every cell of every grid, reference cells first, each once; fills `grid.cells`.
+        """Every cell of every grid, each once, reference cells first, then by seed; fills `grid.cells`.
 
         Raises `UserError` before anything runs: all unregistered methods and tasks at once, then whatever the
         runner's checks find (models, pairs, options). With `pin_device`, a device left on auto becomes cuda
@@ -233,12 +233,15 @@ class Sweep:
                                                student=student, tasks=grid.tasks, seed=grid.seeds[0],
                                                references=base.references and not is_reference)
                     for cell in plan_cells(spec):
-                        for seed in grid.seeds:
+                        seeded = getattr(cell.method.cls, "seeded", True)  # the student and teacher: seed 0 only
+                        for seed in grid.seeds if seeded else [0]:
                             one = dataclasses.replace(spec, tasks=[cell.task_name], seed=seed)
                             key = dataclasses.replace(cell, spec=one).key
                             cells.setdefault(key, SweepCell(one, key, grid.resources))
                             grid.cells.append(cells[key])
-        return sorted(cells.values(), key=lambda c: not _is_reference(c))
+        # references first, then every method at the first seed before any at the next: an interrupted run has
+        # a whole table at one seed rather than part of one at several
+        return sorted(cells.values(), key=lambda c: (not _is_reference(c), c.spec.seed))
 
 
 def _is_reference(cell: SweepCell) -> bool:

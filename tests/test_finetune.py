@@ -69,3 +69,92 @@ def test_empty_train_data_is_an_internal_error(pico_pair):
     model, tokenizer = student(pico_pair)
     with pytest.raises(AssertionError):
         finetune(model, tokenizer, [], Budget(), seed=0)
+
+
+def full_logit_ce(model, batch):
+    """The loss as the loop computed it before: logits at every position, CE where labels are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                             reduction="sum")
+
+
+def batch_of(tokenizer, examples, max_length=64):
+    from pkt_bench.finetune import _collate
+
+    return _collate([encode(e, tokenizer, max_length) for e in examples], tokenizer.pad_token_id, "cpu")
+
+
+@pytest.mark.parametrize("kind", ["llama-student", "qwen2-student"])
+def test_response_loss_equals_the_full_logit_loss_in_value_and_gradient(tiny_models, kind):
+    """Only response positions reach the LM head, in chunks recomputed on backward: same loss, same gradients."""
+    from pkt_bench.finetune import response_ce, response_logits
+
+    model, tokenizer = load_model(str(tiny_models[kind]), "cpu", "float32")
+    model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False))
+    batch = batch_of(tokenizer, [Example("w1 w2", " w3 w4 w5"), Example("w7", " w8"), Example("w9 w1 w2 w3", " w4 w4")])
+    losses, grads = [], []
+    for objective in (full_logit_ce, response_ce, lambda m, b: response_ce(m, b, chunk=2)):
+        model.zero_grad()
+        loss = objective(model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    logits, targets = response_logits(model, batch)
+    assert logits.shape == (int((batch["labels"][:, 1:] != -100).sum()), model.config.vocab_size)
+    assert torch.allclose(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), losses[0], atol=1e-5)
+    for loss, grad in zip(losses[1:], grads[1:]):
+        assert torch.allclose(loss, losses[0], atol=1e-5)
+        assert all(torch.allclose(grad[k], grads[0][k], atol=1e-5) for k in grad)
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_custom_objective_is_used_and_normalized_by_the_step_tokens(pico_pair):
+    seen = []
+
+    def objective(model, batch):
+        seen.append(int((batch["labels"][:, 1:] != -100).sum()))
+        return full_logit_ce(model, batch)
+
+    examples = Probe().transfer_data("train")[:8]
+    budget = Budget(epochs=1, batch_size=8, lr=1e-2, warmup_ratio=0.0)
+    model, tokenizer = student(pico_pair)
+    stats = finetune(model, tokenizer, examples, budget, seed=0, objective=objective)
+    reference, _ = student(pico_pair)
+    again = finetune(reference, tokenizer, examples, budget, seed=0)
+    assert len(seen) == 1 and seen[0] > 0
+    assert stats.first_loss == pytest.approx(again.first_loss, rel=1e-5)
+    first, second = adapter_weights(model), adapter_weights(reference)
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+
+
+def test_bf16_autocast_and_checkpointing_track_the_fp32_loop(pico_pair):
+    """bf16 autocast over fp32 weights keeps the adapter in fp32 and lands near the fp32 run; gradient
+    checkpointing changes nothing but memory."""
+    examples = Probe().transfer_data("train")[:16]
+    budget = Budget(epochs=2, batch_size=8, lr=1e-2, warmup_ratio=0.0)
+    runs = {}
+    for name, options in {"fp32": {}, "bf16": {"autocast": "bf16"}, "ckpt": {"gradient_checkpointing": True}}.items():
+        model, tokenizer = student(pico_pair)
+        stats = finetune(model, tokenizer, examples, dataclasses.replace(budget, **options), seed=0)
+        runs[name] = (stats, adapter_weights(model))
+    assert runs["bf16"][0].autocast == "bf16" and runs["fp32"][0].autocast == "off"
+    assert all(w.dtype == torch.float32 for w in runs["bf16"][1].values())
+    assert runs["bf16"][0].last_loss == pytest.approx(runs["fp32"][0].last_loss, rel=0.05)
+    assert runs["bf16"][0].last_loss != runs["fp32"][0].last_loss  # autocast did run in bf16
+    assert runs["ckpt"][0].last_loss == pytest.approx(runs["fp32"][0].last_loss, rel=1e-5)
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_row():
+    from pkt_bench.finetune import micro_batches
+
+    rows = [([0] * n, [0] * n) for n in [3, 40, 5, 38, 4, 41, 6, 39] * 4]  # short and long rows interleaved
+    plain = micro_batches(rows, Budget(epochs=2, batch_size=4), seed=0)
+    grouped = micro_batches(rows, Budget(epochs=2, batch_size=4, group_by_length=True), seed=0)
+
+    def padded(batches):
+        return sum(len(b) * max(len(r[0]) for r in b) for b in batches)
+
+    assert sorted(len(r[0]) for b in grouped for r in b) == sorted(len(r[0]) for b in plain for r in b)
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert grouped == micro_batches(rows, Budget(epochs=2, batch_size=4, group_by_length=True), seed=0)
+    assert grouped != micro_batches(rows, Budget(epochs=2, batch_size=4, group_by_length=True), seed=1)

@@ -122,3 +122,33 @@ def test_the_leaderboard_names_backends_when_a_column_mixes_them():
     labels = {s.method for s in scores(mixed)}
     assert {label.split(" (")[1] for label in labels} == {"hf)", "vllm)"} and "student (hf)" in labels
     assert len(scores(mixed, baseline="student")) == 3  # the baseline is still found by its method name
+
+
+def test_vllm_cpu_settings_use_every_core_and_size_the_kv_cache_to_the_model(tmp_path):
+    """On CPU pkt-bench binds vLLM to every core it may use (none kept back for a front end that does not run)
+    and reserves the KV cache a full batch needs: 16 rows x 4096 tokens of K and V in every layer, in 16 bits."""
+    import json
+
+    from pkt_bench.evaluate import _ranges, vllm_cpu_settings
+
+    shapes = {"0.5b": (24, 14, 2, 896, 1), "1.5b": (28, 12, 2, 1536, 2), "7b": (28, 28, 4, 3584, 4)}  # Qwen2.5
+    for name, (layers, heads, kv_heads, hidden, gib) in shapes.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "hidden_size": hidden}))
+        settings = vllm_cpu_settings(str(folder), batch_size=16, cpus=[0, 1])
+        assert settings == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                            "VLLM_CPU_KVCACHE_SPACE": str(gib)}, name
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_closing_a_target_drops_its_model(pico_pair):
+    from pkt_bench.api import Artifact
+    from pkt_bench.evaluate import make_target
+
+    target = make_target(Artifact(kind="model", path=str(pico_pair / "student")), "hf", "cpu", "float32")
+    model, _ = target.model_and_tokenizer()
+    target.close()
+    assert target._loaded is None and target.model_and_tokenizer()[0] is not model

@@ -208,3 +208,14 @@ def test_the_default_tables_fit_80_columns():
     assert f"{lora.mean:.3f} ± {lora.std:.3f}" in text and f"{lora.ci_low:.3f}" in text
     assert "3.7M" in text and "3703.5" in text and "wall s" in text and "reused" in text and "T tok" in text and "tokens the teacher read" in text  # costs: own table, legend
     assert "P1 = Qwen/Qwen2.5-Coder-1.5B-Instruct" in text and student in text  # long pairs: named in a legend
+
+
+def test_a_collapsed_multiple_choice_model_is_visible_in_its_cell():
+    """MMLU records carry the share of the most predicted letter; the table shows it beside the score."""
+    collapsed = rec("student", "mmlu", 0, 0.25)
+    collapsed["metrics"]["top_letter_share"] = 0.952
+    fine = rec("lora", "mmlu", 0, 0.40)
+    fine["metrics"]["top_letter_share"] = 0.31
+    md = render(scores([collapsed, fine, rec("lora", "gsm8k", 0, 0.2)]), "md")
+    assert "0.250 (1×4) top letter 95%" in md and "**0.400** (1×4) top letter 31%" in md
+    assert "**0.200** (1×4) |" in md  # tasks without letters show none

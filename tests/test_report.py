@@ -20,6 +20,8 @@ limit: 5
 report:
   title: Tiny report
   baseline: student
+  notes: |
+    Weights: the pico pair, built in-process.
   claims:
     - paper: Made-up paper A
       claim: LoRA beats the student
@@ -123,7 +125,9 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     assert failed == []
     text = out.read_text()
     assert text.startswith("# Tiny report") and "Made by `pkt-bench report tiny.yaml`" in text
-    assert "6 cells, 6 run for this report and 0 reused" in text
+    assert "4 cells, 4 run for this report and 0 reused" in text  # student and teacher once, lora per seed
+    assert "\nWeights: the pico pair, built in-process.\n" in text
+    assert text.index("Weights: the pico pair") < text.index("## Claims at a glance")
     assert "| student | " in text and "Δ probe vs student" in text
     assert "pair (teacher -> student): pico-teacher -> pico-student" in text  # one pair: said once
     assert "seeds 0, 1; budget for methods that fine-tune: 8 train examples × 1 epochs" in text
@@ -138,7 +142,7 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     assert "| lora | pico | probe |" in text and "| lora | pico-teacher -> pico-student | most on probe |" in text
     again = write_report(Sweep.load(config), ResultStore(tmp_path / "results"), out, "pkt-bench report tiny.yaml",
                          console=quiet)
-    assert again == [] and "0 run for this report and 6 reused" in out.read_text()
+    assert again == [] and "0 run for this report and 4 reused" in out.read_text()
 
 
 def test_missing_methods_fail_with_one_list_and_write_nothing(tmp_path):
@@ -153,7 +157,10 @@ def test_missing_methods_fail_with_one_list_and_write_nothing(tmp_path):
 def test_report_section_errors_name_the_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(TINY.replace("kind: small_and_unstable", "kind: smallish"))
-    with pytest.raises(UserError, match=r"bad.yaml:17: claim kind must be one of"):
+    with pytest.raises(UserError, match=r"bad.yaml:19: claim kind must be one of"):
+        ReportConfig.from_sweep(Sweep.load(config))
+    config.write_text(TINY.replace("  notes: |\n    Weights: the pico pair, built in-process.\n", "  notes: [a, b]\n"))
+    with pytest.raises(UserError, match=r"bad.yaml:\d+: report 'notes' must be a markdown string"):
         ReportConfig.from_sweep(Sweep.load(config))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ _HEADER = re.compile(r"^The following are multiple choice questions \(with answe
 @dataclass(frozen=True)
 class MMLUOptions(TaskOptions):
     num_fewshot: int = field(default=0, metadata={"help": "dev questions of the same subject before the question (0 to 5)"})
+    stratified_limit: bool = field(default=True, metadata={
+        "help": "--limit N takes the first N // 57 questions of every subject (false: the first N in subject order)"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_fewshot <= 5:
@@ -29,7 +32,7 @@ class MMLUOptions(TaskOptions):
 class MMLU(LmEvalTask):
     description = "MMLU 0-shot: highest log-likelihood letter, accuracy over all 14042 test questions"
     reference = "tasks/mmlu/README.md"
-    version = "1"
+    version = "2"
     Config = MMLUOptions
     lm_eval_task = "pkt_mmlu"
     laten_name = "mmlu"
@@ -65,6 +68,30 @@ class MMLU(LmEvalTask):
 
     def check_completion(self, completion: str) -> str | None:
         return None if choice_in(completion) else f"no answer letter A-D in completion {completion[:40]!r}"
+
+    def select(self, limit: int | None) -> tuple[list[int] | None, str]:
+        """With `stratified_limit`, the same number of questions from every subject: the first `limit // subjects`
+        of each in file order (at least one; with fewer than one per subject, the first question of the first
+        `limit` subjects)."""
+        docs = self.docs("test")
+        if not self.config.stratified_limit or limit is None or limit >= len(docs):
+            return super().select(limit)
+        by_subject: dict[str, list[int]] = {}
+        for i, doc in enumerate(docs):
+            by_subject.setdefault(doc["subject"], []).append(i)
+        per = max(1, limit // len(by_subject))
+        subjects = list(by_subject.values())[:limit]
+        chosen = sorted(i for indices in subjects for i in indices[:per])
+        return chosen, (f"stratified: the first {per} test question(s) of each of {len(subjects)} subjects in file "
+                        f"order, {len(chosen)} of {len(docs)} items (--limit {limit})")
+
+    def summary(self, items: list[dict]) -> dict[str, float]:
+        """`top_letter_share`: the share of the most often predicted letter (0.25 for a balanced model; a
+        collapsed one that answers B to everything shows near 1)."""
+        if not items:
+            return {}
+        counts = Counter(item["prediction"] for item in items)
+        return {"top_letter_share": max(counts.values()) / len(items)}
 
     def item_view(self, sample: dict) -> dict:
         loglikelihoods = [ll for ll, _ in sample["filtered_resps"]]
