@@ -155,7 +155,8 @@ def _labels(records: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
     fields = dict.fromkeys(k for b in budgets for k in b)  # whatever a record's budget holds, in its order
     varying_budget = [k for k in fields if len({json.dumps(b.get(k)) for b in budgets}) > 1]
     other = sorted({k for c in cells.values() for k in c if k not in (*_NOT_VARIANT, *_OWN)})
-    varying = [k for k in other if len({json.dumps(c.get(k), default=str) for c in cells.values()}) > 1]
+    # among the records that have the key: a key a method leaves out (references have no transfer format) is no variant
+    varying = [k for k in other if len({json.dumps(c[k], default=str) for c in cells.values() if k in c}) > 1]
     defaults = {method: method_defaults(method) for method, _ in cells}
     labels = {}
     for (method, variant), cell in cells.items():
@@ -171,7 +172,7 @@ def _labels(records: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
             if {"examples", "epochs"} & set(varying_budget):
                 parts.append(f"{budget.get('examples')}×{budget.get('epochs')}")
             parts += [f"{k}={_value(budget.get(k))}" for k in shown]
-        parts += [_value(cell.get(k)) if k == "backend" else f"{k}={_value(cell.get(k))}" for k in varying]
+        parts += [_value(cell[k]) if k == "backend" else f"{k}={_value(cell[k])}" for k in varying if k in cell]
         labels[(method, variant)] = f"{method} ({', '.join(parts)})" if parts else method
     counts = Counter(labels.values())
     return {key: f"{label} [{key[1]}]" if counts[label] > 1 else label for key, label in labels.items()}

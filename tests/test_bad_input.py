@@ -43,7 +43,7 @@ def cases(tiny, tmp):
         "unknown backend": (["run", "--backend", "vlm"], "unknown backend 'vlm'"),
         "bad dtype": (["run", "--dtype", "fp8"], "--dtype must be one of"),
         "unknown budget preset": (["run", "--budget", "seekng"], "unknown budget preset 'seekng'; presets: seeking"),
-        "unknown transfer format": (["run", "--transfer-format", "tulu"], "'transfer_format' must be one of auto"),
+        "unknown transfer format": (["run", "--transfer-format", "tulu"], "--transfer-format must be one of auto"),
         "unknown format": (["leaderboard", "--format", "xml"], "unknown format 'xml'"),
         "missing plugin": (["list", "methods", "--plugin", str(tmp / "none.py")], "plugin file"),
         "corrupt config.json": (["run", "--teacher", str(corrupt)], "config.json is not valid JSON"),

@@ -76,7 +76,8 @@ def test_budget_presets_set_every_field_and_flags_override_them(tmp_path):
     seeking = make_budget("seeking")
     assert dataclasses.asdict(seeking) == dict(examples=1000, epochs=3, batch_size=8, grad_accum=8, lr=3e-4,
                                                warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
-                                               max_length=2048)
+                                               max_length=2048, autocast="off", group_by_length=False,
+                                               gradient_checkpointing=False)
     assert seeking.optimizer_steps(1000) == 47  # global batch 64: 375 micro-batches of 8 in groups of 8
     laten = make_budget("laten")
     assert (laten.epochs, laten.batch_size * laten.grad_accum, laten.lr, laten.max_length) == (5, 64, 3e-4, 1024)

@@ -26,7 +26,7 @@ from pkt_bench.pruning import Kept, choose, cut, prune, source
 from pkt_bench.spec import Budget
 from pkt_bench.stages import StageMeter
 
-SMALL = pico.PicoConfig(entities=30, values_per_relation=5,
+SMALL = pico.PicoConfig(entities=30, values_per_relation=5, transfer_fraction=0.4,  # >= 32 seeds for sensitivity
                         teacher=pico.ModelShape(layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2),
                         student=pico.ModelShape(layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2),
                         pretrain_steps=40, pretrain_batch=16, continue_steps=20)

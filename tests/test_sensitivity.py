@@ -13,6 +13,7 @@ from pkt_bench.methods.sensitivity import (Sensitivity, SensitivityConfig, cut, 
 from pkt_bench.models import ModelPair
 from pkt_bench.spec import Budget
 from pkt_bench.stages import StageMeter
+from pkt_bench.tasks.probe import Probe
 
 
 class WordsTask:
@@ -217,7 +218,7 @@ def test_sensitivity_and_teacher_random_run_end_to_end_and_reuse_the_extraction(
     assert first["costs"]["teacher_forward"] == second["costs"]["teacher_forward"] == 64
     assert "reused" not in first["costs"] and second["costs"]["reused"] == 1 and "reused" not in random_block["costs"]
     assert first["costs"]["optimizer_steps"] == random_block["costs"]["optimizer_steps"] \
-        == Budget(epochs=1).optimizer_steps(60)
+        == Budget(epochs=1).optimizer_steps(len(Probe().transfer_data("train")))
     assert first["artifact"]["kind"] == "model" and first["stages"]["extract"]["wall_s"] > 0
     assert len(list((tmp_path / "cache").glob("sensitivity-*"))) == 2  # one per distinct extraction
     first_blocks, again_blocks, random_blocks = (

@@ -242,9 +242,10 @@ def _direct(layer, probe: Probe, i: int, heads: int, kv_heads: int) -> dict[str,
 def _increase(base: torch.Tensor, columns: torch.Tensor, coefficients: torch.Tensor, probe: Probe,
               reference: torch.Tensor) -> torch.Tensor:
     """log p(w | v + c_k·u_k) - log p(w | v) for every k, from the base logits W_U(g⊙v/s) [V], the columns
-    C[:, k] = W_U(g⊙u_k) [V, n] and the coefficients c_k [n]."""
-    logits = base[:, None] + columns * (coefficients / probe.lens.scale)  # [V, n]
-    return logits[probe.w] - logits.logsumexp(0) - reference
+    C[:, k] = W_U(g⊙u_k), stored as rows [n, V] so that every reduction runs along contiguous memory, and the
+    coefficients c_k [n]."""
+    logits = torch.addcmul(base, columns, (coefficients / probe.lens.scale).reshape(-1, 1))  # [n, V]
+    return logits[:, probe.w] - logits.logsumexp(1) - reference
 
 
 def _factorized(layer, probes: list[Probe], i: int, heads: int, kv_heads: int) -> list[dict[str, torch.Tensor]]:
@@ -268,7 +269,7 @@ def _factorized(layer, probes: list[Probe], i: int, heads: int, kv_heads: int) -
                     "o": torch.empty(s["z"].shape[0], device=device)})
     w_down = layer.mlp.down_proj.weight.detach()  # [d, f]
     for cols in torch.arange(w_down.shape[1], device=w_down.device).split(block):
-        columns = unembed @ (gain[:, None] * w_down[:, cols].to(device, torch.float32))  # [V, n]
+        columns = (w_down[:, cols].to(device, torch.float32).T * gain) @ unembed.T  # [n, V]: rows of C
         for probe, o in zip(probes, out):
             o["ffn"][cols.to(device)] = _increase(o["base"][1], columns, probe.seen[i]["m"][cols.to(device)],
                                                   probe, o["lp"][1])
@@ -282,13 +283,13 @@ def _factorized(layer, probes: list[Probe], i: int, heads: int, kv_heads: int) -
         o["v"] = torch.empty(len(rows), device=device)
     for chunk in rows.split(max(1, block // group)):
         cols = reading[chunk].flatten().to(w_o.device)  # [n·group], grouped per v row
-        columns = unembed @ (gain[:, None] * w_o[:, cols].to(device, torch.float32))  # [V, n·group]
+        columns = (w_o[:, cols].to(device, torch.float32).T * gain) @ unembed.T  # [n·group, V]
         cols = cols.to(device)
         for probe, o in zip(probes, out):
             z = probe.seen[i]["z"][cols]
             o["o"][cols] = _increase(o["base"][0], columns, z, probe, o["lp"][0])
             if group > 1:
-                summed = (columns * z).view(-1, len(chunk), group).sum(-1)  # [V, n]: W_U(g⊙Σ_h z_j·o_j)
+                summed = (columns * z[:, None]).view(len(chunk), group, -1).sum(1)  # [n, V]: W_U(g⊙Σ_h z_j·o_j)
                 o["v"][chunk.to(device)] = _increase(o["base"][0], summed, z.new_ones(()), probe, o["lp"][0])
     for o in out:
         if group == 1:
