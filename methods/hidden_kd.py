@@ -77,6 +77,11 @@ class HiddenKD:
     def __init__(self, config: HiddenKDConfig):
         self.config = config
 
+    def check(self, pair) -> None:
+        """Before any cell: LoRA's options against the student, and a vocabulary both heads cover."""
+        LoRA(self.config).check(pair)
+        shared_vocab(pair)
+
     def transfer(self, ctx: TransferContext) -> Artifact:
         shared_vocab(ctx.pair)  # the teacher reads the student's token ids
         lora = LoRA(self.config)

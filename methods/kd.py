@@ -116,6 +116,11 @@ class KD:
     def __init__(self, config: KDConfig):
         self.config = config
 
+    def check(self, pair) -> None:
+        """Before any cell: LoRA's options against the student, and a vocabulary both heads cover."""
+        LoRA(self.config).check(pair)
+        shared_vocab(pair)
+
     def transfer(self, ctx: TransferContext) -> Artifact:
         c = self.config
         vocab = shared_vocab(ctx.pair)

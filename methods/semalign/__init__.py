@@ -93,6 +93,13 @@ class SemAlign:
     def __init__(self, config: SemAlignConfig):
         self.config = config
 
+    def check(self, pair) -> None:
+        """Before any cell: LoRA's options against the student, and a vocabulary both heads cover."""
+        from pkt_bench.methods.kd import shared_vocab
+
+        LoRA(self.config).check(pair)
+        shared_vocab(pair)
+
     def transfer(self, ctx: TransferContext) -> Artifact:
         from safetensors.torch import load_file
 
