@@ -307,3 +307,20 @@ def test_bf16_locate_chooses_what_fp32_chooses(tiny_models, kind):
         a, b = getattr(full, kind_), getattr(half, kind_)
         overlap = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / a.numel()
         assert overlap >= 0.9, (kind_, overlap)
+
+
+def test_the_shifted_log_sum_exp_is_exact_and_falls_back_where_the_shift_could_overflow():
+    """_increase skips each row's max pass where |a_k|·max|C_k| keeps exp in range; big coefficients take the usual
+    log-sum-exp. Both agree with the definition: log softmax of base + a_k·C_k at w, minus the reference."""
+    from types import SimpleNamespace
+
+    from pkt_bench.methods.laten.locate import _increase
+
+    torch.manual_seed(0)
+    base, columns = torch.randn(5000) * 4, torch.randn(6, 5000)
+    probe = SimpleNamespace(w=17, lens=SimpleNamespace(scale=torch.tensor(0.5)))
+    for coefficients in (torch.randn(6) * 0.5, torch.tensor([0.1, 30.0, -0.2, 45.0, 0.0, -60.0])):  # 2nd: fallback
+        logits = base + columns * (coefficients / 0.5)[:, None]
+        expected = logits[:, 17] - logits.logsumexp(1) - 1.5
+        got = _increase(base, columns, coefficients, probe, torch.tensor(1.5), columns.abs().amax(1))
+        assert torch.allclose(got, expected, atol=1e-4), (got, expected)

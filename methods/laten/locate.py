@@ -54,6 +54,7 @@ MODULES = {  # name -> (path inside a decoder layer, neuron kind, weight axis th
     "o_proj": ("self_attn.o_proj", "o", 1),  # column j: attention channel j (heads x head_dim space)
 }
 _LENS_BLOCK = 2**26  # logits computed per block of at most this many entries
+_SAFE_SHIFT = 60.0  # |logit - shift| below this: exp stays within fp32's normal range, summed over any vocabulary
 
 
 @dataclass
@@ -240,12 +241,24 @@ def _direct(layer, probe: Probe, i: int, heads: int, kv_heads: int) -> dict[str,
 
 
 def _increase(base: torch.Tensor, columns: torch.Tensor, coefficients: torch.Tensor, probe: Probe,
-              reference: torch.Tensor) -> torch.Tensor:
+              reference: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
     """log p(w | v + c_k·u_k) - log p(w | v) for every k, from the base logits W_U(g⊙v/s) [V], the columns
-    C[:, k] = W_U(g⊙u_k), stored as rows [n, V] so that every reduction runs along contiguous memory, and the
-    coefficients c_k [n]."""
-    logits = torch.addcmul(base, columns, (coefficients / probe.lens.scale).reshape(-1, 1))  # [n, V]
-    return logits[:, probe.w] - logits.logsumexp(1) - reference
+    C[:, k] = W_U(g⊙u_k), stored as rows [n, V] so that every reduction runs along contiguous memory, the
+    coefficients c_k [n] (or one for all) and `peak` = max_v |C[k, v]| [n], shared by every probe of a block.
+
+    The log-sum-exp is shifted by max_v base_v instead of each row's own maximum (no pass to find it): a row's
+    logits then lie within ±|a_k|·peak_k of the shift (a = c/s), so where that is below `_SAFE_SHIFT` its exponentials
+    neither overflow nor underflow and the sum is exact to fp32 rounding; other rows take the usual log-sum-exp.
+    """
+    a = (coefficients / probe.lens.scale).expand(columns.shape[0])  # [n]
+    top = base.max()
+    sums = torch.addcmul(base - top, columns, a[:, None]).exp_().sum(1)  # [n]
+    out = base[probe.w] + a * columns[:, probe.w] - (sums.log_() + top)
+    wide = a.abs() * peak >= _SAFE_SHIFT
+    if bool(wide.any()):
+        logits = torch.addcmul(base, columns[wide], a[wide, None])
+        out[wide] = logits[:, probe.w] - logits.logsumexp(1)
+    return out - reference
 
 
 def _factorized(layer, probes: list[Probe], i: int, heads: int, kv_heads: int) -> list[dict[str, torch.Tensor]]:
@@ -270,9 +283,10 @@ def _factorized(layer, probes: list[Probe], i: int, heads: int, kv_heads: int) -
     w_down = layer.mlp.down_proj.weight.detach()  # [d, f]
     for cols in torch.arange(w_down.shape[1], device=w_down.device).split(block):
         columns = (w_down[:, cols].to(device, torch.float32).T * gain) @ unembed.T  # [n, V]: rows of C
+        peak = columns.abs().amax(1)
         for probe, o in zip(probes, out):
             o["ffn"][cols.to(device)] = _increase(o["base"][1], columns, probe.seen[i]["m"][cols.to(device)],
-                                                  probe, o["lp"][1])
+                                                  probe, o["lp"][1], peak)
     w_o = layer.self_attn.o_proj.weight.detach()  # [d, heads·head_dim]
     group = heads // kv_heads
     head_dim = w_o.shape[1] // heads
@@ -285,12 +299,14 @@ def _factorized(layer, probes: list[Probe], i: int, heads: int, kv_heads: int) -
         cols = reading[chunk].flatten().to(w_o.device)  # [n·group], grouped per v row
         columns = (w_o[:, cols].to(device, torch.float32).T * gain) @ unembed.T  # [n·group, V]
         cols = cols.to(device)
+        peak = columns.abs().amax(1)
         for probe, o in zip(probes, out):
             z = probe.seen[i]["z"][cols]
-            o["o"][cols] = _increase(o["base"][0], columns, z, probe, o["lp"][0])
+            o["o"][cols] = _increase(o["base"][0], columns, z, probe, o["lp"][0], peak)
             if group > 1:
                 summed = (columns * z[:, None]).view(len(chunk), group, -1).sum(1)  # [n, V]: W_U(g⊙Σ_h z_j·o_j)
-                o["v"][chunk.to(device)] = _increase(o["base"][0], summed, z.new_ones(()), probe, o["lp"][0])
+                o["v"][chunk.to(device)] = _increase(o["base"][0], summed, z.new_ones(()), probe, o["lp"][0],
+                                                     summed.abs().amax(1))
     for o in out:
         if group == 1:
             o["v"] = o["o"].clone()
