@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pkt_bench.api import Artifact, TransferContext, UserError
-from pkt_bench.methods.kd import OnlineTeacher, shared_vocab
+from pkt_bench.methods.kd import OnlineTeacher, check_teacher_guided
 from pkt_bench.methods.lora import LoRA, LoRAConfig
 from pkt_bench.registry import register_method
 
@@ -78,12 +78,9 @@ class HiddenKD:
         self.config = config
 
     def check(self, pair) -> None:
-        """Before any cell: LoRA's options against the student, and a vocabulary both heads cover."""
-        LoRA(self.config).check(pair)
-        shared_vocab(pair)
+        check_teacher_guided(self.config, pair)
 
     def transfer(self, ctx: TransferContext) -> Artifact:
-        shared_vocab(ctx.pair)  # the teacher reads the student's token ids
         lora = LoRA(self.config)
         model, tokenizer = lora.initialize(ctx)
         teacher = ctx.pair.load("teacher")[0]

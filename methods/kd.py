@@ -106,6 +106,13 @@ class KDConfig(LoRAConfig):
                             f"temperature={self.temperature}")
 
 
+def check_teacher_guided(config: LoRAConfig, pair) -> None:
+    """Before any cell, for every method whose LoRA learns from the teacher's outputs (kd, hidden-kd, semalign):
+    LoRA's options against the student, and a vocabulary both LM heads cover."""
+    LoRA(config).check(pair)
+    shared_vocab(pair)
+
+
 @register_method("kd")
 class KD:
     description = "online distillation: LoRA on (1-β)·CE + β·T²·KL(teacher ‖ student), same budget as lora"
@@ -117,9 +124,7 @@ class KD:
         self.config = config
 
     def check(self, pair) -> None:
-        """Before any cell: LoRA's options against the student, and a vocabulary both heads cover."""
-        LoRA(self.config).check(pair)
-        shared_vocab(pair)
+        check_teacher_guided(self.config, pair)
 
     def transfer(self, ctx: TransferContext) -> Artifact:
         c = self.config

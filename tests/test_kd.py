@@ -87,5 +87,5 @@ def test_a_pair_without_a_shared_vocabulary_stops_before_any_work(tiny_models, t
     ctx = TransferContext(pair, CountingTask(), Budget(), 0, workdir, StageMeter(), task_name="counting",
                           cache_dir=tmp_path / "cache")
     with pytest.raises(UserError, match="different vocabularies") as error:
-        method.transfer(ctx)
+        method.check(pair)  # the runner calls it in plan(), before any cell
     assert "\n" not in str(error.value) and not any(workdir.iterdir()) and not (tmp_path / "cache").exists()

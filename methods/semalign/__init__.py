@@ -94,11 +94,9 @@ class SemAlign:
         self.config = config
 
     def check(self, pair) -> None:
-        """Before any cell: LoRA's options against the student, and a vocabulary both heads cover."""
-        from pkt_bench.methods.kd import shared_vocab
+        from pkt_bench.methods.kd import check_teacher_guided
 
-        LoRA(self.config).check(pair)
-        shared_vocab(pair)
+        check_teacher_guided(self.config, pair)
 
     def transfer(self, ctx: TransferContext) -> Artifact:
         from safetensors.torch import load_file
