@@ -18,8 +18,9 @@ other folders. A `report:` section is kept for `pkt_bench.report`.
 Every cell is one `RunSpec` with one method, one task and one seed, and its key is the runner's: rerunning the
 config (or `pkt-bench run` of the same cell) finds the stored record and skips the cell, so a sweep resumes
 where it stopped. Everything that can fail on user input is checked before the first cell runs. The reference
-cells (student and teacher as they are) run first, once per pair and task at seed 0, because every other cell
-of the same pair and task, whatever its seed, reads their scores. Folders that methods share across cells (extractions, teacher generations) live in the
+cells (student and teacher as they are) run once per pair and task at seed 0, before every other cell of the same
+pair and task, whatever its seed, because those read their scores. Cells run seed by seed, and grid by grid within
+a seed, so an interrupted run leaves whole columns. Folders that methods share across cells (extractions, teacher generations) live in the
 results folder's cache, so every seed and budget that does not change them reuses them.
 
 Executors: `local` runs the cells one after another in this process, or in `max_parallel` worker processes;
@@ -200,7 +201,8 @@ class Sweep:
                     Resources(**resources))
 
     def plan(self, pin_device: bool = False) -> list[SweepCell]:
-        """Every cell of every grid, each once, reference cells first, then by seed; fills `grid.cells`.
+        """Every cell of every grid, each once, by seed, then grid by grid, each grid's reference cells before its
+        methods; fills `grid.cells`.
 
         Raises `UserError` before anything runs: all unregistered methods and tasks at once, then whatever the
         runner's checks find (models, pairs, options). With `pin_device`, a device left on auto becomes cuda
@@ -217,7 +219,8 @@ class Sweep:
                 raise UserError(f"{self.path}: {registry.kind}s not registered: {', '.join(missing)}; registered: "
                                 f"{', '.join(registry.names())}; add them (or --plugin FILE.py) or drop them")
         cells: dict[str, SweepCell] = {}
-        for grid in self.grids:
+        rank: dict[str, int] = {}  # the grid that first asked for a cell
+        for index, grid in enumerate(self.grids):
             grid.cells = []
             base = grid.base
             if pin_device and base.device == "auto":
@@ -238,10 +241,12 @@ class Sweep:
                             one = dataclasses.replace(spec, tasks=[cell.task_name], seed=seed)
                             key = dataclasses.replace(cell, spec=one).key
                             cells.setdefault(key, SweepCell(one, key, grid.resources))
+                            rank.setdefault(key, index)
                             grid.cells.append(cells[key])
-        # references first, then every method at the first seed before any at the next: an interrupted run has
-        # a whole table at one seed rather than part of one at several
-        return sorted(cells.values(), key=lambda c: (not _is_reference(c), c.spec.seed))
+        # every method at the first seed before any at the next, and grid by grid within a seed: an interrupted run
+        # has whole columns of the table at one seed rather than parts of every column at several. A grid's
+        # reference cells (seed 0) run before its methods, whose records read their scores.
+        return sorted(cells.values(), key=lambda c: (c.spec.seed, rank[c.key], not _is_reference(c)))
 
 
 def _is_reference(cell: SweepCell) -> bool:
@@ -329,8 +334,12 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
                                        f"planned {cell.key} (the worker resolved device or dtype differently); "
                                        f"set device: and dtype: in the config")
 
-        references = [c for c in todo if _is_reference(c)]
-        for phase in (references, [c for c in todo if not _is_reference(c)]):
+        # one cell at a time, the planned order already has each grid's references before its methods; workers
+        # in parallel need every reference stored before the first method starts
+        sequential = executor == "local" and not max_parallel
+        phases = [todo] if sequential else [[c for c in todo if _is_reference(c)],
+                                             [c for c in todo if not _is_reference(c)]]
+        for phase in phases:
             if phase:
                 execute(phase, results, plugins, max_parallel, done)
     failed = f", [red]{len(outcome.failed)} failed[/]" if outcome.failed else ""

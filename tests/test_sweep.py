@@ -178,7 +178,7 @@ def test_the_checked_in_reproduction_config_parses(monkeypatch):
     assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]
 
 
-def test_the_cpu_grid_parses_and_runs_references_then_seed_0_first(monkeypatch):
+def test_the_cpu_grid_parses_and_runs_seed_0_column_by_column_references_first(monkeypatch):
     """sweeps/reproduction-cpu.yaml: the Qwen pair's grid at CPU size, chat template at training and evaluation."""
     import dataclasses
 
@@ -196,15 +196,17 @@ def test_the_cpu_grid_parses_and_runs_references_then_seed_0_first(monkeypatch):
     monkeypatch.setattr("pkt_bench.runner.context_length", lambda ref: None)
     monkeypatch.setattr("pkt_bench.runner._check_format", lambda formats, pair: None)
     sweep = Sweep.load(REPO / "sweeps" / "reproduction-cpu.yaml")
-    methods = ["student", "teacher", "lora", "pissa", "random-init", "teacher-random", "sensitivity", "laten", "distill"]
+    methods = ["student", "teacher", "lora", "sensitivity", "distill", "pissa", "random-init", "teacher-random", "laten"]
     assert all([m for m, _ in g.methods] == methods and g.seeds == [0, 1, 2] for g in sweep.grids)
-    assert [g.tasks for g in sweep.grids] == [["gsm8k-0shot"], ["mmlu"], ["humaneval"], ["mbpp"]]
-    assert [g.base.limit for g in sweep.grids] == [100, 1000, None, 100]
+    assert [g.tasks for g in sweep.grids] == [["gsm8k-0shot"], ["humaneval"], ["mbpp"], ["mmlu"]]
+    assert [g.base.limit for g in sweep.grids] == [100, None, 100, 1000]
     base = sweep.grids[0].base
     assert base.task_options == {"chat_template": True} and base.transfer_format == "chat_template"
     assert (base.budget.examples, base.budget.epochs, base.budget.optimizer_steps(64)) == (64, 2, 16)
     cells = sweep.plan()
-    order = [(c.spec.method in ("student", "teacher"), c.spec.seed) for c in cells]
-    assert order == sorted(order, key=lambda o: (not o[0], o[1]))  # references, then seed 0, 1, 2
-    assert sum(1 for reference, _ in order if reference) == 2 * 4  # once per task, not per seed
+    tasks = [g.tasks[0] for g in sweep.grids]
+    order = [(c.spec.seed, tasks.index(c.spec.tasks[0]), c.spec.method not in ("student", "teacher")) for c in cells]
+    assert order == sorted(order)  # seed 0, column by column (each column's references first), then seeds 1, 2
+    assert order[0] == (0, 0, False) and order[-1] == (2, len(tasks) - 1, True)
+    assert sum(1 for *_, method in order if not method) == 2 * 4  # once per task, not per seed
     assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]
