@@ -91,11 +91,12 @@ def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, ba
     task_variants: dict[str, set[str]] = defaultdict(set)
     records = [r for r in records if not tasks or r["task"] in tasks]
     labels = _labels(records)
+    names = model_names(records)
     for record in records:
         variant = _variant_key(record)
         task_variant = cell_key({k: record["cell"].get(k) for k in _TASK_VARIANT})[:6]
         task_variants[record["task"]].add(task_variant)
-        pair = f"{record['teacher']} -> {record['student']}"
+        pair = f"{names[model_identity(record, 'teacher')]} -> {names[model_identity(record, 'student')]}"
         by_key[(record["method"], variant, pair, record["task"], task_variant)].append(record)
     groups = []
     for (method, variant, pair, task, task_variant), group in by_key.items():
@@ -286,6 +287,24 @@ def notes(rows: list[Score]) -> list[str]:
         out.append(f"{OTHER_BUDGET}: trained on another budget than the baseline, so no Δ; --allow-unequal shows it "
                    f"marked {UNEQUAL}")
     return out
+
+
+def model_identity(record: dict[str, Any], role: str) -> str:
+    """The teacher's or student's identity in a record's cell (its name where the cell holds none)."""
+    return record["cell"].get(role, record[role])
+
+
+def model_names(records: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Each model identity of the records (`cell.teacher`, `cell.student`) -> the name its earliest record gave it,
+    so records of one model made under other paths (another machine resuming the sweep) make one pair, not two;
+    a name given to two identities (a folder whose files changed) gets each identity's digest appended."""
+    names: dict[str, str] = {}
+    for record in sorted(records, key=lambda r: r.get("created_at", "")):
+        for role in ("teacher", "student"):
+            names.setdefault(model_identity(record, role), record[role])
+    taken = Counter(names.values())
+    return {identity: name if taken[name] == 1 else f"{name}@{identity.rsplit('@', 1)[-1]}"
+            for identity, name in names.items()}
 
 
 def short_names(names: Iterable[str]) -> dict[str, str]:

@@ -83,6 +83,7 @@ class LmEvalTask:
     laten_name: ClassVar[str]
     transfer_sizes: ClassVar[dict[str, int]]
     executes_code: ClassVar[bool] = False
+    data_subdir: ClassVar[str | None] = None  # the folder of a local data folder it reads (keys hash its content)
     test_split: ClassVar[str] = "test"
 
     def __init__(self, data_dir: str | Path | None = None, config: Any = None, *, allow_code_execution: bool = False):

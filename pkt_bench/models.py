@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pkt_bench.api import UserError
+from pkt_bench.spec import folder_identity
 
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The per-layer linear matrices of the Llama and Qwen2 layouts: the default targets of LoRA and transfer."""
@@ -25,7 +26,9 @@ _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float1
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model as given (`name`), where transformers loads it from (`path`), and what identifies it in keys."""
+    """A model as given (`name`), where transformers loads it from (`path`), and what identifies it in keys
+    (`identity`): a hub id as given, a built-in name with its build's digest, a local folder's name with its
+    content digest (`spec.folder_identity`: the same on every machine that holds the same files)."""
 
     name: str
     path: str
@@ -43,7 +46,7 @@ def resolve_model(name: str) -> ModelRef:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {name!r} holds no model (no config.json); give a HF model folder or hub id")
-        return ModelRef(name, str(path.resolve()), str(path.resolve()))
+        return ModelRef(name, str(path.resolve()), folder_identity(path))
     if path.exists():
         raise UserError(f"model {name!r} is a file, not a folder; give a HF model folder or hub id")
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")

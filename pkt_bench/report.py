@@ -66,7 +66,7 @@ from typing import Any
 from rich.console import Console
 
 from pkt_bench.api import UserError
-from pkt_bench.leaderboard import ALPHA, Score, render, scores
+from pkt_bench.leaderboard import ALPHA, Score, model_identity, render, scores
 from pkt_bench.store import ResultStore
 from pkt_bench.sweep import Grid, Sweep, run_sweep
 
@@ -309,7 +309,7 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
         if claim.kind == "beats_baseline" and claim.most_on:
             summary[i] += most_on(claim.most_on, summary[i])
     every = [r for r in (store.get(c.key) for c in outcome.cells) if r is not None]
-    if len({(r["teacher"], r["student"]) for r in every}) > 1:
+    if len({(model_identity(r, "teacher"), model_identity(r, "student")) for r in every}) > 1:
         sections.append(_ladder_section(every, config.baseline, figures, out.parent))
     notes = [config.notes + "\n"] if config.notes else []
     text = "\n".join([_header(config, sweep, store, outcome, command), *notes, _summary(config, summary), *sections,

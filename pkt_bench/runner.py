@@ -30,6 +30,7 @@ from pkt_bench.evaluate import NEUTRAL_ENGINE_ARGS, check_backend, make_target
 from pkt_bench.models import ModelPair, context_length
 from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
+from pkt_bench.taskdata import data_identity, task_options_identity
 from pkt_bench.stages import StageMeter, release_memory
 from pkt_bench.store import ResultStore
 
@@ -66,9 +67,10 @@ class Cell:
             "method": self.method.name, "method_config": dataclasses.asdict(self.config),
             "teacher": self.pair.teacher.identity, "student": self.pair.student.identity,
             "task": self.task_name, "task_version": self.task.version, "seed": self.seed,
-            "data_dir": self.spec.data_dir, "backend": self.spec.backend, "limit": self.spec.limit,
+            "data_dir": data_identity(self.spec.data_dir, getattr(self.task, "data_subdir", None)),
+            "backend": self.spec.backend, "limit": self.spec.limit,
             "device_type": self.pair.device.split(":")[0], "dtype": self.pair.dtype,
-            "task_options": dataclasses.asdict(self.task.config) if hasattr(self.task, "Config") else {},
+            "task_options": task_options_identity(self.task),
             "eval_batch_size": self.spec.eval_batch_size,
         }
         engine = {k: v for k, v in self.spec.vllm_args.items() if k not in NEUTRAL_ENGINE_ARGS}

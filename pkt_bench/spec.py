@@ -252,3 +252,27 @@ def cell_key(cell: dict[str, Any]) -> str:
     """Content hash of a cell description (canonical JSON, sorted keys)."""
     blob = json.dumps({"schema": SCHEMA_VERSION, **cell}, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def folder_identity(folder: str | Path) -> str:
+    """What identifies a local folder (a model, a data folder) in keys: `<folder name>@<content digest>`, so that a
+    copy of the same files under another path (another machine) has the same keys and its stored records are
+    found again, and a changed file gives new ones. The digest is SHA-256 over every file's path relative to the
+    folder and its bytes (hidden files and `*.partial` left out), computed once per process while no file's size
+    or modification time changes (about 2 s per GB)."""
+    root = Path(folder).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                   p.relative_to(root).parts) and not p.name.endswith(".partial"))
+    stamp = (str(root), *((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _DIGESTS:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
+            with open(path, "rb") as data:
+                while chunk := data.read(1 << 24):
+                    digest.update(chunk)
+        _DIGESTS[stamp] = digest.hexdigest()[:16]
+    return f"{root.name}@{_DIGESTS[stamp]}"

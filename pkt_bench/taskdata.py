@@ -18,16 +18,28 @@ both sources. Nothing here imports `datasets` until a dataset is built.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
 from typing import Any
 
 from pkt_bench.api import UserError
+from pkt_bench.spec import folder_identity
 
 DATA_ENV = "PKT_BENCH_DATA"
 LATEN_FILES = {"seed": "extract", "align": "align", "train": "train"}
 """Transfer-data role -> the LaTen split file that holds it (LaTen calls the seed role "extract")."""
+
+
+def data_identity(data_dir: str | Path | None, subdir: str | None = None) -> str | None:
+    """What identifies local data in keys: the content digest of `data_dir/subdir` (the folder a task reads, or
+    the whole `data_dir` for a task that names none), not its path, so records made from the same files on
+    another machine are found again; None for the HF hub."""
+    if not data_dir:
+        return None
+    root = Path(data_dir).expanduser()
+    return folder_identity(root / subdir if subdir and (root / subdir).is_dir() else root)
 
 
 def data_file(data_dir: str | Path, *candidates: str) -> Path:
@@ -107,3 +119,19 @@ def cached(key: tuple, build):
     if key not in _DATASETS:
         _DATASETS[key] = build()
     return _DATASETS[key]
+
+
+def transfer_dir_identity(task: Any) -> str | None:
+    """The content identity of a task's `-T transfer_dir` (its LaTen split folder), or None without one."""
+    transfer_dir = getattr(getattr(task, "config", None), "transfer_dir", "")
+    return data_identity(transfer_dir, getattr(task, "laten_name", None)) if transfer_dir else None
+
+
+def task_options_identity(task: Any) -> dict[str, Any]:
+    """A task's options as cell keys see them: its `Config`, with a transfer folder by content, not path."""
+    if not hasattr(task, "Config"):
+        return {}
+    options = dataclasses.asdict(task.config)
+    if options.get("transfer_dir"):
+        options["transfer_dir"] = transfer_dir_identity(task)
+    return options

@@ -219,3 +219,23 @@ def test_a_collapsed_multiple_choice_model_is_visible_in_its_cell():
     md = render(scores([collapsed, fine, rec("lora", "gsm8k", 0, 0.2)]), "md")
     assert "0.250 (1×4) top letter 95%" in md and "**0.400** (1×4) top letter 31%" in md
     assert "**0.200** (1×4) |" in md  # tasks without letters show none
+
+
+def test_one_model_under_two_paths_is_one_pair_named_as_first_recorded():
+    """Records of a sweep resumed on another machine name the models by other paths but carry the same content
+    identity: one pair in the table, under the name of the earliest record; a name shared by two identities
+    (a folder whose files changed) is told apart by the digest."""
+    def at(record, teacher, identity, created):
+        record = {**record, "teacher": teacher, "created_at": created}
+        record["cell"] = {**record["cell"], "teacher": identity, "student": "s@1"}
+        return record
+
+    records = [at(rec("lora", "gsm8k", 0, 0.2), "/a/qwen-1.5b", "qwen-1.5b@abc", "2026-01-01"),
+               at(rec("lora", "gsm8k", 1, 0.3), "/b/models/qwen-1.5b", "qwen-1.5b@abc", "2026-01-02"),
+               at(rec("student", "gsm8k", 0, 0.1), "/b/models/qwen-1.5b", "qwen-1.5b@abc", "2026-01-03")]
+    rows = scores(records, baseline="lora")
+    assert {s.pair for s in rows} == {"/a/qwen-1.5b -> S"}
+    assert next(s for s in rows if s.method == "lora").seeds == 2
+    changed = at(rec("lora", "gsm8k", 2, 0.9), "/a/qwen-1.5b", "qwen-1.5b@def", "2026-01-04")
+    pairs = {s.pair for s in scores([*records, changed])}
+    assert pairs == {"/a/qwen-1.5b@abc -> S", "/a/qwen-1.5b@def -> S"}

@@ -43,3 +43,68 @@ def test_dtype_and_device_choice():
 
     assert pick_dtype("auto", "cuda") == "bfloat16" and pick_dtype("auto", "cpu") == "float32"
     assert pick_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+@pytest.fixture
+def gsm8k_data(tmp_path):
+    """A data folder in the local layout with three GSM8K-shaped problems per split."""
+    import json
+
+    root = tmp_path / "data"
+    (root / "gsm8k").mkdir(parents=True)
+    for split in ("train", "test"):
+        rows = [{"question": f"{split} {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(3)]
+        (root / "gsm8k" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_a_local_folder_is_keyed_by_its_content_not_its_path(tiny_models, gsm8k_data, tmp_path):
+    """Records made on one machine are found again on another that holds the same files under another path; a
+    changed weight file gives new keys."""
+    import shutil
+
+    from pkt_bench.runner import plan
+    from pkt_bench.spec import RunSpec
+
+    here, there = tiny_models["qwen2-teacher"], tmp_path / "elsewhere" / "qwen2-teacher"
+    shutil.copytree(here, there)
+    assert resolve_model(str(there)).identity == resolve_model(str(here)).identity
+    assert resolve_model(str(there)).identity.startswith("qwen2-teacher@")
+    student = str(tiny_models["qwen2-student"])
+    def key(method, teacher, data=gsm8k_data):
+        return plan(RunSpec(method=method, teacher=str(teacher), student=student, tasks=["gsm8k-0shot"],
+                            data_dir=str(data), references=False, fit_context=True))[0].key
+
+    keys = [key(method, teacher) for method in ("teacher", "lora") for teacher in (here, there)]
+    assert keys[0] == keys[1] and keys[2] == keys[3] and keys[0] != keys[2]
+    weights = next(p for p in there.iterdir() if p.suffix == ".safetensors")
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(blob))
+    assert resolve_model(str(there)).identity != resolve_model(str(here)).identity
+    assert key("teacher", there) != keys[0]
+    moved = tmp_path / "moved-data"
+    shutil.copytree(gsm8k_data, moved)
+    assert key("lora", here, moved) == keys[2]  # the data folder by content too
+
+
+def test_local_data_is_keyed_by_the_content_of_the_folder_the_task_reads(gsm8k_data, tmp_path):
+    import json
+    import shutil
+
+    from pkt_bench.registry import TASKS, make_task
+    from pkt_bench.taskdata import data_identity
+
+    root = gsm8k_data
+    copy = tmp_path / "other-machine" / "eval"
+    shutil.copytree(root, copy)
+    task = make_task(TASKS.get("gsm8k"), str(copy), {})
+    assert data_identity(str(copy), task.data_subdir) == data_identity(str(root), "gsm8k")
+    (copy / "mbpp").mkdir()
+    (copy / "mbpp" / "mbpp.jsonl").write_text("{}\n")  # another task's data: gsm8k's keys stay
+    assert data_identity(str(copy), "gsm8k") == data_identity(str(root), "gsm8k")
+    assert data_identity(str(copy), None) != data_identity(str(root), None)  # a task naming no folder: all of it
+    with open(copy / "gsm8k" / "test.jsonl", "a") as test:
+        test.write(json.dumps({"question": "one more?", "answer": "#### 1"}) + "\n")
+    assert data_identity(str(copy), "gsm8k") != data_identity(str(root), "gsm8k")
+    assert data_identity(None) is None
