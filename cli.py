@@ -356,6 +356,8 @@ def report(
     max_parallel: MaxParallel = None,
     results: Results = Path("results"),
     plugin: Plugins = None,
+    stored_only: Annotated[bool, typer.Option(help="run nothing: write the report from the records stored so far, "
+                                                   "naming the cells still without one")] = False,
 ):
     """Run or resume a sweep, then write a markdown report: tables with CIs, plots, the papers' claims checked."""
     _load_plugins(plugin)
@@ -365,7 +367,7 @@ def report(
 
     failed = write_report(Sweep.load(config), ResultStore(results), out,
                           report_command(config, out, results, executor, max_parallel), executor=executor,
-                          max_parallel=max_parallel, plugins=tuple(str(p) for p in plugin or ()))
+                          max_parallel=max_parallel, plugins=tuple(str(p) for p in plugin or ()), run=not stored_only)
     print(out)
     if failed:
         raise typer.Exit(1)

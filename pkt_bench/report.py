@@ -68,7 +68,7 @@ from rich.console import Console
 from pkt_bench.api import UserError
 from pkt_bench.leaderboard import ALPHA, Score, model_identity, render, scores
 from pkt_bench.store import ResultStore
-from pkt_bench.sweep import Grid, Sweep, run_sweep
+from pkt_bench.sweep import Grid, Sweep, SweepOutcome, run_sweep
 
 KINDS = ("beats_baseline", "small_and_unstable")
 
@@ -285,11 +285,17 @@ def overall(findings: list[Finding]) -> str:
 
 def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, executor: str = "local",
                  max_parallel: int | None = None, plugins: tuple[str, ...] = (),
-                 console: Console | None = None) -> list[str]:
-    """Run or resume the sweep, then write the report to `out` (plots beside it); return the failed cells."""
+                 console: Console | None = None, run: bool = True) -> list[str]:
+    """Run or resume the sweep, then write the report to `out` (plots beside it); return the failed cells.
+    With `run=False`, write it from the records stored so far (a sweep still running elsewhere, or stopped), the
+    cells without one named as pending."""
     config = ReportConfig.from_sweep(sweep)
-    outcome = run_sweep(sweep, store, executor=executor, max_parallel=max_parallel, plugins=plugins,
-                        console=console)
+    if run:
+        outcome = run_sweep(sweep, store, executor=executor, max_parallel=max_parallel, plugins=plugins,
+                            console=console)
+    else:
+        cells = sweep.plan()
+        outcome = SweepOutcome(cells, sum(store.path(c.key).exists() for c in cells), 0, {})
     figures = out.parent / out.stem
     sections, summary = [], defaultdict(list)
     for grid in sweep.grids:
@@ -327,12 +333,17 @@ def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any
     if outcome.failed:
         failed = (f"\n**Incomplete: {len(outcome.failed)} cells failed** and are missing from the tables: "
                   + "; ".join(f"{label} ({error})" for label, error in outcome.failed.items()) + "\n")
+    pending = [c for c in outcome.cells if not store.path(c.key).exists() and c.label not in outcome.failed]
+    if pending:
+        counts = Counter(f"{c.spec.method} on {c.spec.tasks[0]} (seed {c.spec.seed})" for c in pending)
+        failed += (f"\n**Incomplete: {len(pending)} of {len(outcome.cells)} cells have no record yet** and are "
+                   f"missing from the tables: " + "; ".join(counts) + ".\n")
     return f"""# {config.title}
 
 Made by `{command}` on {datetime.now(timezone.utc).strftime('%Y-%m-%d')} from the sweep config
 `{sweep.path}`: {len(outcome.cells)} cells, {outcome.ran} run for this report and {outcome.stored_before} reused from
 `{store.root}`. Records made on: {'; '.join(machines) or 'n/a'} (pkt-bench commit {', '.join(commits)}).
-Rerunning the command runs only the cells without a record.
+Rerunning the command (without `--stored-only`) runs only the cells without a record.
 {failed}"""
 
 
@@ -492,7 +503,7 @@ def _method_notes() -> str:
 
 
 def report_command(config: Path, out: Path, results: Path, executor: str, max_parallel: int | None) -> str:
-    """The command line that remakes a report, as the report states it."""
+    """The command line that remakes (and resumes) a report, as the report states it."""
     parts = ["pkt-bench", "report", str(config), "--out", str(out)]
     if results != Path("results"):
         parts += ["--results", str(results)]

@@ -143,6 +143,16 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     again = write_report(Sweep.load(config), ResultStore(tmp_path / "results"), out, "pkt-bench report tiny.yaml",
                          console=quiet)
     assert again == [] and "0 run for this report and 4 reused" in out.read_text()
+    # --stored-only: a report of a sweep still running elsewhere, from the records it has so far; nothing runs
+    store = ResultStore(tmp_path / "results")
+    lora_1 = next(r for r in store.records() if r["method"] == "lora" and r["seed"] == 1)
+    store.path(lora_1["key"]).unlink()
+    partial = tmp_path / "partial.md"
+    assert write_report(Sweep.load(config), store, partial, "pkt-bench report tiny.yaml", console=quiet, run=False) == []
+    text = partial.read_text()
+    assert "**Incomplete: 1 of 4 cells have no record yet** and are missing from the tables: lora on probe (seed 1)." in text
+    assert "0 run for this report and 3 reused" in text and not store.path(lora_1["key"]).exists()
+    assert "| lora | " in text  # seed 0 is in the table
 
 
 def test_missing_methods_fail_with_one_list_and_write_nothing(tmp_path):
