@@ -168,13 +168,30 @@ def test_saved_merged_student_reproduces_the_injected_logits(pico_pair, tmp_path
     with torch.no_grad():
         plain = model(input_ids=ids).logits
         injected = align.forward_injected(model, selection, deltas, ids)
-        align.merge(model, selection, deltas)
+        targeted, changed = align.merge(model, selection, deltas)
+    hidden = model.config.hidden_size
+    assert targeted == (2 * selection.ffn.numel() + selection.o.numel() + selection.v.numel()) * hidden
+    assert changed > 0.99 * targeted
     model.save_pretrained(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         saved = merged(input_ids=ids).logits
     assert (injected - plain).abs().max() > 1e-2  # Δ matters, so the comparison below means something
     assert (saved - injected).abs().max() < 1e-4
+
+
+def test_merge_counts_the_weights_a_small_delta_leaves_unchanged_in_bf16(pico_pair):
+    """The record says how much of Δ the stored weights kept: a Δ of 1e-6 changes the fp32 student's weights
+    and almost none of the bf16 student's (below half of bf16's rounding step but for weights near zero)."""
+    counts = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = load(pico_pair / "student")
+        model.to(dtype)
+        selection = random_selection(model)
+        with torch.no_grad():
+            counts[dtype] = align.merge(model, selection, random_deltas(selection, model.config.hidden_size, 1e-6))
+    (targeted, changed32), (targeted16, changed16) = counts[torch.float32], counts[torch.bfloat16]
+    assert targeted == targeted16 > 0 and changed32 > 0.9 * targeted and changed16 < 0.05 * targeted
 
 
 def test_qwen2_pair_with_gqa_other_head_sizes_and_tied_embeddings_runs_through(tiny_models, tmp_path):
@@ -236,6 +253,7 @@ def test_probe_end_to_end_beside_lora_and_extract_writes_its_files(pico_pair, tm
     assert laten[0]["artifact"]["kind"] == "model" and laten[0]["costs"]["translator_steps"] == 4
     assert laten[0]["costs"]["teacher_forward"] == 5 and laten[0]["references"]["teacher"]["score"] >= 0.95
     assert laten[1]["costs"]["reused"] == 1  # the extraction does not depend on the run's seed
+    assert 0 <= laten[0]["costs"]["weights_changed"] <= laten[0]["costs"]["weights_targeted"] > 0
     board = json.loads(cli("leaderboard", "--results", str(results), "--format", "json").stdout)
     assert {"lora", "laten"} <= {row["method"] for row in board}
 

@@ -108,7 +108,7 @@ class LaTen:
         device = next(model.parameters()).device
         with torch.no_grad():
             deltas = translator.to(device)({m: v.to(device) for m, v in vectors.items()})
-        merge(model, selection, deltas)
+        ctx.costs["weights_targeted"], ctx.costs["weights_changed"] = merge(model, selection, deltas)
         path = ctx.workdir / "model"
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)

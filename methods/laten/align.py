@@ -67,12 +67,20 @@ def injected(model, selection: Selection, deltas: dict[str, torch.Tensor]) -> di
 
 
 @torch.no_grad()
-def merge(model, selection: Selection, deltas: dict[str, torch.Tensor]) -> None:
-    """Write W + Δ into the student's weights (summed in fp32, then cast to the weight's dtype)."""
+def merge(model, selection: Selection, deltas: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Write W + Δ into the student's weights (summed in fp32, then cast to the weight's dtype). Returns the
+    number of weights Δ targets and of those whose stored value changed: in bf16, a Δ smaller than half a
+    weight's rounding step (2⁻⁹ of it) leaves that weight as it was."""
     params = dict(model.named_parameters())
+    targeted = changed = 0
     for name, axis, indices, block in _targets(model, selection, deltas):
         base = params[name]
-        base.copy_(base.float().index_add(axis, indices.to(base.device), block.to(base.device, torch.float32)))
+        indices = indices.to(base.device)
+        before = base.index_select(axis, indices)
+        base.copy_(base.float().index_add(axis, indices, block.to(base.device, torch.float32)))
+        targeted += before.numel()
+        changed += int((base.index_select(axis, indices) != before).sum())
+    return targeted, changed
 
 
 def forward_injected(model, selection: Selection, deltas: dict[str, torch.Tensor], input_ids: torch.Tensor):
