@@ -119,13 +119,17 @@ def plan(spec: RunSpec) -> list[Cell]:
     return cells
 
 
+_HAS_CHAT_TEMPLATE: set[str] = set()  # students (by identity) found to have one, so a sweep loads each tokenizer once
+
+
 def _check_format(formats: set[str], pair: ModelPair) -> None:
-    if "chat_template" in formats:
+    if "chat_template" in formats and pair.student.identity not in _HAS_CHAT_TEMPLATE:
         from transformers import AutoTokenizer
 
         from pkt_bench.formats import check
 
         check("chat_template", AutoTokenizer.from_pretrained(pair.student.path))
+        _HAS_CHAT_TEMPLATE.add(pair.student.identity)
 
 
 def check_records(cells: list[Cell], store: ResultStore, force: bool) -> None:
