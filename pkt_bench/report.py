@@ -301,7 +301,11 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     for grid in sweep.grids:
         records = [r for r in (store.get(c.key) for c in grid.cells) if r is not None]
         if not records:
-            sections.append(f"## {grid.name}\n\nNo records: every cell of this grid failed.\n")
+            failed = sum(c.label in outcome.failed for c in grid.cells)
+            why = (f"{failed} of its {len(grid.cells)} cells failed" if failed == len(grid.cells) else
+                   f"{len(grid.cells) - failed} of its {len(grid.cells)} cells are pending" +
+                   (f" and {failed} failed" if failed else ""))
+            sections.append(f"## {grid.name}\n\nNo records yet: {why}.\n")
             continue
         has_baseline = any(r["method"] == config.baseline for r in records)
         # the leaderboard resolves the baseline name; a Δ across budgets is shown marked, never hidden
@@ -310,7 +314,7 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
         for i, found in enumerate(findings):
             summary[i] += found
         devices = sorted({f"{r['cell'].get('device_type')}, {r['cell'].get('dtype')}" for r in records})
-        sections.append(_grid_section(grid, rows, findings, config, figures, out.parent, devices))
+        sections.append(_grid_section(grid, rows, findings, config, figures, out.parent, devices, records))
     for i, claim in enumerate(config.claims):
         if claim.kind == "beats_baseline" and claim.most_on:
             summary[i] += most_on(claim.most_on, summary[i])
@@ -335,9 +339,12 @@ def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any
                   + "; ".join(f"{label} ({error})" for label, error in outcome.failed.items()) + "\n")
     pending = [c for c in outcome.cells if not store.path(c.key).exists() and c.label not in outcome.failed]
     if pending:
-        counts = Counter(f"{c.spec.method} on {c.spec.tasks[0]} (seed {c.spec.seed})" for c in pending)
+        methods: dict[tuple[str, int], list[str]] = defaultdict(list)
+        for c in pending:
+            methods[(c.spec.tasks[0], c.spec.seed)].append(c.spec.method)
         failed += (f"\n**Incomplete: {len(pending)} of {len(outcome.cells)} cells have no record yet** and are "
-                   f"missing from the tables: " + "; ".join(counts) + ".\n")
+                   f"missing from the tables: " + "; ".join(f"{task} seed {seed}: {', '.join(names)}"
+                                                            for (task, seed), names in methods.items()) + ".\n")
     return f"""# {config.title}
 
 Made by `{command}` on {datetime.now(timezone.utc).strftime('%Y-%m-%d')} from the sweep config
@@ -369,7 +376,7 @@ def _summary(config: ReportConfig, summary: dict[int, list[Finding]]) -> str:
 
 
 def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], config: ReportConfig,
-                  figures: Path, relative_to: Path, devices: list[str]) -> str:
+                  figures: Path, relative_to: Path, devices: list[str], records: list[dict[str, Any]]) -> str:
     from pkt_bench.plots import plot
 
     b = grid.base.budget
@@ -383,6 +390,7 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
     for path in plot(rows, figures / slug):
         parts.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
     parts.append("")
+    parts += _cell_costs(records)
     parts += _controls_table(rows, config)
     for claim, found in zip(config.claims, findings):
         parts += [f"**{claim.paper}: \"{claim.claim}\"** on this grid: **{overall(found)}**", ""]
@@ -393,6 +401,24 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
             parts.append(f"Not run here: none of {', '.join(claim.methods)} has a Δ against {config.baseline}.")
         parts.append("")
     return "\n".join(parts)
+
+
+STAGES = ("extract", "transfer", "fine-tune", "evaluate")
+
+
+def _cell_costs(records: list[dict[str, Any]]) -> list[str]:
+    """Each cell's wall time, per stage and in all, and its peak resident memory (and CUDA's, where used)."""
+    lines = ["Cost of each cell (wall time in seconds per stage; peak memory over the cell):", "",
+             "| method | task | seed | " + " | ".join(STAGES) + " | total s | peak RSS GB | peak CUDA GB |",
+             "|---|---|---|" + "---|" * (len(STAGES) + 3)]
+    for r in sorted(records, key=lambda r: (r["task"], r["seed"], r["method"])):
+        stages = {name: s for name, s in (r.get("stages") or {}).items() if s}
+        seconds = [f"{stages[name]['wall_s']:,.1f}" if name in stages else "" for name in STAGES]
+        rss = max((s.get("peak_rss_mb") or 0 for s in stages.values()), default=0) / 1024
+        cuda = max((s.get("peak_cuda_mb") or 0 for s in stages.values()), default=0) / 1024
+        lines.append(f"| {r['method']} | {r['task']} | {r['seed']} | " + " | ".join(seconds) +
+                     f" | {r.get('wall_s') or 0:,.1f} | {rss:.1f} | {f'{cuda:.1f}' if cuda else ''} |")
+    return [*lines, ""]
 
 
 def _controls_table(rows: list[Score], config: ReportConfig) -> list[str]:

@@ -150,7 +150,11 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     partial = tmp_path / "partial.md"
     assert write_report(Sweep.load(config), store, partial, "pkt-bench report tiny.yaml", console=quiet, run=False) == []
     text = partial.read_text()
-    assert "**Incomplete: 1 of 4 cells have no record yet** and are missing from the tables: lora on probe (seed 1)." in text
+    assert "**Incomplete: 1 of 4 cells have no record yet** and are missing from the tables: probe seed 1: lora." in text
+    costs = re.findall(r"\| (student|teacher|lora) \| probe \| (\d) \| ([\d.,]*) \| ([\d.,]*) \| ([\d.,]*) \| "
+                       r"([\d.,]+) \| ([\d.,]+) \| ([\d.]+) \|  \|", text)
+    assert sorted((method, seed) for method, seed, *_ in costs) == [("lora", "0"), ("student", "0"), ("teacher", "0")]
+    assert all(0 < float(evaluate) <= float(total) and float(rss) > 0 for *_, evaluate, total, rss in costs)
     assert "0 run for this report and 3 reused" in text and not store.path(lora_1["key"]).exists()
     assert "| lora | " in text  # seed 0 is in the table
 
