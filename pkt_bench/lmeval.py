@@ -105,6 +105,23 @@ class LmEvalTask:
 
         return importlib.import_module(f"{type(self).__module__}.utils")
 
+    @functools.cached_property
+    def eval_new_tokens(self) -> int | None:
+        """The most new tokens the evaluation generates (`max_gen_toks` of the config the run uses), None for a
+        task that scores without generating (mmlu). Read from the YAML text: loading it through lm-eval costs
+        seconds, and the runner checks it against the pair's context before anything runs."""
+        import re
+
+        folder = Path(sys.modules[type(self).__module__].__file__).parent
+        name = self.lm_eval_task + ("_chat" if self.config.chat_template else "")
+        texts = (path.read_text() for path in sorted(folder.glob("*.yaml")))
+        text = next(t for t in texts if re.search(rf"^task:\s*{name}\s*$", t, re.MULTILINE))
+        found = re.findall(r"^\s*max_gen_toks:\s*(\d+)", text, re.MULTILINE)
+        included = re.search(r"^include:\s*(\S+)", text, re.MULTILINE)
+        if not found and included:  # a variant that keeps its base's budget
+            found = re.findall(r"^\s*max_gen_toks:\s*(\d+)", (folder / included.group(1)).read_text(), re.MULTILINE)
+        return max(map(int, found), default=None)
+
     def item_id(self, index: int, doc: dict[str, Any]) -> str:
         """The id of a test item in records and prediction files: its 0-based index unless the task has ids."""
         return str(index)

@@ -109,7 +109,9 @@ def plan(spec: RunSpec) -> list[Cell]:
     for task_name, task in tasks:
         if hasattr(task, "check_pair"):
             task.check_pair(pair)
-        needed = getattr(task, "generation", {}).get("max_new_tokens")
+        # new tokens the evaluation generates, and the transfer answers (distillation's teacher) where declared
+        needed = max(filter(None, (getattr(task, "eval_new_tokens", None),
+                                   getattr(task, "generation", {}).get("max_new_tokens"))), default=None)
         if context and needed and needed >= context and not spec.fit_context:
             raise UserError(f"task {task_name!r} generates up to {needed} tokens, but the pair's context holds "
                             f"{context}; pick a pair with a longer context, or pass --fit-context to cut generation "

@@ -54,6 +54,8 @@ def cases(tiny, tmp):
                                   "did you mean 'q_proj'?"),
         "task beyond the context": (["run", "--task", "GSM8K", "--data-dir", str(DATA)],
                                     "task 'gsm8k' generates up to 512 tokens, but the pair's context holds 64"),
+        "code task beyond the context": (["run", "--task", "mbpp", "--allow-code-execution", "--data-dir", str(DATA)],
+                                         "task 'mbpp' generates up to 512 tokens, but the pair's context holds 64"),
         "limit flag": (["run", "--limit", "0"], "--limit must be a positive integer, got 0"),
     }
 
@@ -62,7 +64,8 @@ CASES = ["unknown method", "unknown task", "unknown method option", "missing fol
          "family mismatch", "vocabulary mismatch", "probe on a foreign pair", "zero budget", "negative budget",
          "malformed yaml", "missing spec file", "unknown backend", "bad dtype", "unknown format", "missing plugin",
          "corrupt config.json", "unknown device", "missing CUDA", "zero rank", "unknown target module",
-         "task beyond the context", "limit flag", "unknown budget preset", "unknown transfer format"]
+         "task beyond the context", "code task beyond the context", "limit flag", "unknown budget preset",
+         "unknown transfer format"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -70,7 +73,7 @@ def test_bad_input_exits_2_with_one_line_and_keeps_records(case, tiny_models, pi
     all_cases = cases(tiny_models, tmp_path)
     assert set(all_cases) == set(CASES)
     args, expected = all_cases[case]
-    if case == "task beyond the context" and not DATA.is_dir():
+    if case.endswith("task beyond the context") and not DATA.is_dir():
         pytest.skip(NO_DATA)
     before = tree_digest(results)
     done = cli(*args, "--results", str(results)) if args[0] != "list" else cli(*args)
