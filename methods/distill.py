@@ -1,7 +1,8 @@
 """Offline distillation: the teacher's knowledge passed through data instead of parameters.
 
 The teacher answers the train prompts (greedy, through the run's generation backend, with the task's transfer
-generation settings); the student's LoRA then learns those answers with the shared loop and the same budget as
+generation settings and the stop sequences of the run's transfer format, `formats.answer_stops`); the student's
+LoRA then learns those answers with the shared loop and the same budget as
 `lora`. With `filter_correct`, only answers the task judges correct are kept (tasks with gold answers define
 `check(example, completion)`), and the kept fraction is recorded. The teacher's answers are cached by content
 hash (teacher, prompts, decoding settings), so reruns and other seeds reuse them.
@@ -14,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 
 from pkt_bench.api import Artifact, Example, TransferContext, UserError
+from pkt_bench.formats import answer_stops
 from pkt_bench.methods.lora import LoRA, LoRAConfig
 from pkt_bench.registry import register_method
 
@@ -48,6 +50,7 @@ class Distill:
                             f"drop -o filter_correct=true")
         train = ctx.examples("train", ctx.budget.examples)
         generation = dict(getattr(ctx.task, "generation", {"max_new_tokens": 256, "stop": []}))
+        generation["stop"] = answer_stops(ctx.transfer_format, generation.get("stop", ()))
         if c.max_new_tokens:
             generation["max_new_tokens"] = c.max_new_tokens
         prompts = hashlib.sha256(json.dumps([e.prompt for e in train]).encode()).hexdigest()

@@ -21,6 +21,7 @@ single newline before `<|assistant|>` differs from its training text's double on
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from pkt_bench.api import Example, UserError
@@ -41,6 +42,17 @@ def check(name: str, tokenizer: Any) -> None:
     """Stop before anything runs when the tokenizer cannot render `name` (a resolved format)."""
     if name == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise UserError("the student's tokenizer has no chat template; pick --transfer-format paper or task")
+
+
+def answer_stops(name: str, task_stops: Sequence[str]) -> list[str]:
+    """Where an answer generated to a transfer prompt in the resolved format `name` ends (distillation's teacher
+    answers): the task's own stop sequences in its own format (gsm8k: the single line its exemplars answer in);
+    the next turn's marker in `paper`; nothing under `chat_template`, where the end of the turn is the model's EOS
+    and generation stops there anyway. The task's stops do not carry over: an instruct teacher answers a
+    chat-rendered GSM8K prompt in several lines, and cutting at the first newline kept only its first sentence."""
+    if name == "task":
+        return list(task_stops)
+    return [USER.strip()] if name == "paper" else []
 
 
 def render(example: Example, name: str, tokenizer: Any = None) -> Example:

@@ -63,6 +63,37 @@ def test_context_hands_out_examples_in_the_runs_format(tiny_models, tmp_path):
         assert ctx.examples("seed") == [render(EXAMPLE, name)]
 
 
+def test_distillation_stops_the_teachers_answers_where_the_format_ends_them(tiny_models, tmp_path, monkeypatch):
+    """The task's stops (gsm8k: one line) hold in its own format only: under the chat template an instruct teacher
+    answers in several lines, and a cut at the first newline left one sentence to learn (gsm8k score 0)."""
+    from pkt_bench.formats import answer_stops
+    from pkt_bench.methods.distill import GENERATIONS, Distill, DistillConfig
+
+    assert answer_stops("task", ["\n"]) == ["\n"] and answer_stops("paper", ["\n"]) == ["<|user|>"]
+    assert answer_stops("chat_template", ["\n"]) == []
+
+    class OneLine:
+        version = "1"
+        generation = {"max_new_tokens": 8, "stop": ["\n"]}
+
+        def transfer_data(self, role):
+            return [EXAMPLE]
+
+    seen = {}
+
+    def generate(ctx, train, generation, out):
+        seen[ctx.transfer_format] = generation["stop"]
+        (out / GENERATIONS).write_text(json.dumps({"id": "q1", "prompt": "", "completion": " 5"}) + "\n")
+
+    monkeypatch.setattr(Distill, "generate", staticmethod(generate))
+    pair = ModelPair.resolve(str(tiny_models["llama-teacher"]), str(tiny_models["llama-student"]))
+    for name in ("task", "paper"):
+        ctx = TransferContext(pair, OneLine(), Budget(examples=1, epochs=1, batch_size=1), 0, tmp_path / name,
+                              StageMeter(), transfer_format=name)
+        Distill(DistillConfig()).transfer(ctx)
+    assert seen == {"task": ["\n"], "paper": ["<|user|>"]}
+
+
 def test_the_resolved_format_is_in_the_cell_key_but_not_in_the_references(pico_pair):
     cells = {name: plan(RunSpec(method="lora", transfer_format=name))[0] for name in ("auto", "task", "paper")}
     assert cells["auto"].describe()["transfer_format"] == "task"  # the probe's own format
