@@ -45,6 +45,7 @@ class TrainStats:
     first_loss: float
     last_loss: float
     autocast: str = "off"
+    gradient_checkpointing: bool = False
 
 
 def encode(example: Example, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
@@ -192,4 +193,5 @@ def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: in
         model.gradient_checkpointing_disable()
     model.eval()
     return TrainStats(examples_seen=len(rows) * budget.epochs, optimizer_steps=len(steps),
-                      first_loss=losses[0], last_loss=losses[-1], autocast=autocast)
+                      first_loss=losses[0], last_loss=losses[-1], autocast=autocast,
+                      gradient_checkpointing=budget.gradient_checkpointing)

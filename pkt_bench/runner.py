@@ -77,7 +77,7 @@ class Cell:
         if engine:  # only settings that can change results; absent otherwise, so older keys stay valid
             cell["vllm_args"] = engine
         if self.method.cls.fine_tunes:
-            cell["budget"] = dataclasses.asdict(self.spec.budget)
+            cell["budget"] = self.spec.budget.keyed()
         if getattr(self.method.cls, "uses_transfer_data", True):
             cell["transfer_format"] = self.transfer_format
         return cell

@@ -20,6 +20,10 @@ from pkt_bench.api import UserError
 
 SCHEMA_VERSION = 1
 AUTOCASTS = ("off", "bf16", "auto")
+NEUTRAL_BUDGET_FIELDS = ("gradient_checkpointing",)
+"""Budget fields that change how the fine-tuning loop runs, not what it computes (checkpointing recomputes the same
+activations): each fine-tune's stats record them, and cell keys hold their defaults, so a cell run either way is
+one cell and its record is found again."""
 
 
 class SpecKeyError(UserError):
@@ -69,10 +73,17 @@ class Budget:
         if not self.weight_decay >= 0:
             raise UserError(f"budget weight_decay must be >= 0, got {self.weight_decay!r}")
 
+    def keyed(self) -> dict[str, Any]:
+        """The budget as cell keys and records' `cell` see it: `NEUTRAL_BUDGET_FIELDS` at their defaults."""
+        return {**dataclasses.asdict(self), **{name: _BUDGET_DEFAULTS[name] for name in NEUTRAL_BUDGET_FIELDS}}
+
     def optimizer_steps(self, n_examples: int) -> int:
         """Optimizer steps the shared loop takes on `n_examples` (the last accumulation group may be short)."""
         micro_batches = math.ceil(n_examples / self.batch_size) * self.epochs
         return math.ceil(micro_batches / self.grad_accum)
+
+
+_BUDGET_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Budget)}
 
 
 BUDGET_PRESETS: dict[str, dict[str, Any]] = {

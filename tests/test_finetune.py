@@ -142,6 +142,20 @@ def test_bf16_autocast_and_checkpointing_track_the_fp32_loop(pico_pair):
     assert runs["bf16"][0].last_loss == pytest.approx(runs["fp32"][0].last_loss, rel=0.05)
     assert runs["bf16"][0].last_loss != runs["fp32"][0].last_loss  # autocast did run in bf16
     assert runs["ckpt"][0].last_loss == pytest.approx(runs["fp32"][0].last_loss, rel=1e-5)
+    assert runs["ckpt"][0].gradient_checkpointing and not runs["fp32"][0].gradient_checkpointing
+
+
+def test_gradient_checkpointing_is_recorded_but_not_in_the_cell_key(pico_pair):
+    """It changes memory, not results (the test above): a cell run with it is the cell run without it."""
+    from pkt_bench.runner import plan
+    from pkt_bench.spec import RunSpec
+
+    keys = {flag: plan(RunSpec(method="lora", budget=Budget(examples=8, gradient_checkpointing=flag)))[0]
+            for flag in (False, True)}
+    assert keys[True].key == keys[False].key
+    assert keys[True].describe()["budget"]["gradient_checkpointing"] is False
+    other = plan(RunSpec(method="lora", budget=Budget(examples=8, group_by_length=True)))[0]
+    assert other.key != keys[False].key  # a field that changes the batches stays in the key
 
 
 def test_group_by_length_batches_similar_lengths_and_keeps_every_row():
