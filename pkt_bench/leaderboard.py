@@ -32,7 +32,7 @@ import numpy as np
 
 from pkt_bench import stats
 from pkt_bench.api import UserError
-from pkt_bench.spec import cell_key
+from pkt_bench.spec import NEUTRAL_BUDGET_FIELDS, cell_key
 
 FORMATS = ("table", "md", "csv", "json", "latex")
 ALPHA = 0.05
@@ -270,7 +270,9 @@ def notes(rows: list[Score]) -> list[str]:
     out = []
     budgets = [s.budget for s in rows if s.budget]
     if budgets:
-        common = {k: v for k, v in budgets[0].items() if all(b.get(k) == v for b in budgets)}
+        # fields kept out of keys hold their defaults there, not what ran (each fine-tune's stats say that)
+        common = {k: v for k, v in budgets[0].items()
+                  if k not in NEUTRAL_BUDGET_FIELDS and all(b.get(k) == v for b in budgets)}
         if common:
             out.append("budget of every fine-tuning row: " + ", ".join(f"{k}={_value(v)}" for k, v in common.items()))
     if any(re.search(r"\(.*\d+×\d+", s.method) for s in rows):

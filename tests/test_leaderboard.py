@@ -239,3 +239,14 @@ def test_one_model_under_two_paths_is_one_pair_named_as_first_recorded():
     changed = at(rec("lora", "gsm8k", 2, 0.9), "/a/qwen-1.5b", "qwen-1.5b@def", "2026-01-04")
     pairs = {s.pair for s in scores([*records, changed])}
     assert pairs == {"/a/qwen-1.5b@abc -> S", "/a/qwen-1.5b@def -> S"}
+
+
+def test_the_budget_note_leaves_out_fields_kept_out_of_keys():
+    """gradient_checkpointing is at its default in every key whatever ran, so the note must not state it."""
+    from pkt_bench.leaderboard import notes
+
+    budget = {"examples": 64, "epochs": 2, "gradient_checkpointing": False}
+    records = [{**rec("lora", "gsm8k", seed, 0.2), "cell": {**CELL, "method": "lora", "task": "gsm8k", "seed": seed,
+                                                            "budget": budget}} for seed in (0, 1)]
+    line = next(n for n in notes(scores(records)) if n.startswith("budget of every fine-tuning row"))
+    assert "examples=64" in line and "gradient_checkpointing" not in line
