@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pkt_bench.spec import cell_key
-from pkt_bench.taskdata import data_identity, transfer_dir_identity
+from pkt_bench.taskdata import task_data_identity, transfer_dir_identity
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,14 +25,15 @@ COSTS_FILE = "costs.json"
 
 def cache_identity(ctx: TransferContext, kind: str, identity: dict[str, Any]) -> dict[str, Any]:
     """What a cached folder's hash covers: the method's identity plus the pair, task and data it ran on."""
+    transfer_dir = transfer_dir_identity(ctx.task)
     return {
         "kind": kind, "identity": identity,
         "teacher": ctx.pair.teacher.identity, "student": ctx.pair.student.identity,
         "device_type": ctx.pair.device.split(":")[0], "dtype": ctx.pair.dtype,
         "task": ctx.task_name, "task_version": ctx.task.version,
-        "data_dir": data_identity(ctx.data_dir, getattr(ctx.task, "data_subdir", None)),
+        "data_dir": task_data_identity(ctx.task, ctx.data_dir),
         "transfer_format": ctx.transfer_format,
-        **({"transfer_dir": transfer_dir_identity(ctx.task)} if transfer_dir_identity(ctx.task) else {}),
+        **({"transfer_dir": transfer_dir} if transfer_dir else {}),
     }
 
 

@@ -83,7 +83,7 @@ class LmEvalTask:
     laten_name: ClassVar[str]
     transfer_sizes: ClassVar[dict[str, int]]
     executes_code: ClassVar[bool] = False
-    data_subdir: ClassVar[str | None] = None  # the folder of a local data folder it reads (keys hash its content)
+    data_subdirs: ClassVar[tuple[str, ...]] = ()  # folders of a local data folder it reads (keys hash their content)
     test_split: ClassVar[str] = "test"
 
     def __init__(self, data_dir: str | Path | None = None, config: Any = None, *, allow_code_execution: bool = False):
@@ -108,19 +108,15 @@ class LmEvalTask:
     @functools.cached_property
     def eval_new_tokens(self) -> int | None:
         """The most new tokens the evaluation generates (`max_gen_toks` of the config the run uses), None for a
-        task that scores without generating (mmlu). Read from the YAML text: loading it through lm-eval costs
-        seconds, and the runner checks it against the pair's context before anything runs."""
-        import re
+        task that scores without generating (mmlu). Read with lm-eval's YAML loader (includes merged, functions
+        left unresolved), not its TaskManager, which builds the dataset: the runner checks this before anything runs."""
+        from lm_eval.tasks._yaml_loader import load_yaml
 
         folder = Path(sys.modules[type(self).__module__].__file__).parent
         name = self.lm_eval_task + ("_chat" if self.config.chat_template else "")
-        texts = (path.read_text() for path in sorted(folder.glob("*.yaml")))
-        text = next(t for t in texts if re.search(rf"^task:\s*{name}\s*$", t, re.MULTILINE))
-        found = re.findall(r"^\s*max_gen_toks:\s*(\d+)", text, re.MULTILINE)
-        included = re.search(r"^include:\s*(\S+)", text, re.MULTILINE)
-        if not found and included:  # a variant that keeps its base's budget
-            found = re.findall(r"^\s*max_gen_toks:\s*(\d+)", (folder / included.group(1)).read_text(), re.MULTILINE)
-        return max(map(int, found), default=None)
+        configs = (load_yaml(path, resolve_func=False) for path in sorted(folder.glob("*.yaml")))
+        config = next(c for c in configs if c.get("task") == name)
+        return (config.get("generation_kwargs") or {}).get("max_gen_toks")
 
     def item_id(self, index: int, doc: dict[str, Any]) -> str:
         """The id of a test item in records and prediction files: its 0-based index unless the task has ids."""

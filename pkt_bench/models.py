@@ -10,6 +10,7 @@ which device and in which dtype (auto: CUDA with bf16 when present, else CPU wit
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,15 +108,10 @@ def _vocab(ref: ModelRef) -> dict[str, int]:
                         f"the folder must hold tokenizer files") from None
 
 
-_SAME_FAMILY: set[tuple[str, str]] = set()
-"""Pairs (by identity) this process found to be of one family: a sweep plans many cells of one pair, and each
-check loads both tokenizers (1 to 2 s for Qwen's)."""
-
-
+@functools.cache
 def check_family(teacher: ModelRef, student: ModelRef) -> None:
-    """Transfer needs one family: the same architecture type and the same vocabulary."""
-    if (teacher.identity, student.identity) in _SAME_FAMILY:
-        return
+    """Transfer needs one family: the same architecture type and the same vocabulary. A pair that passes is not
+    checked again in this process (a sweep plans many cells of one pair; each check loads both tokenizers)."""
     t_type, s_type = _config(teacher).get("model_type"), _config(student).get("model_type")
     if t_type != s_type:
         raise UserError(f"teacher {teacher.name!r} ({t_type}) and student {student.name!r} ({s_type}) are of "
@@ -126,7 +122,6 @@ def check_family(teacher: ModelRef, student: ModelRef) -> None:
         raise UserError(f"teacher {teacher.name!r} and student {student.name!r} have different vocabularies "
                         f"({len(t_vocab)} vs {len(s_vocab)} tokens, {differ} entries differ); pick models that "
                         f"share a tokenizer")
-    _SAME_FAMILY.add((teacher.identity, student.identity))
 
 
 def pick_device(device: str) -> str:

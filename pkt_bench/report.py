@@ -403,13 +403,12 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
     return "\n".join(parts)
 
 
-STAGES = ("extract", "transfer", "fine-tune", "evaluate")
-
-
 def _cell_costs(records: list[dict[str, Any]]) -> list[str]:
     """Each cell's wall time, per stage and in all, and its peak resident memory (and CUDA's, where used)."""
+    from pkt_bench.runner import STAGES
+
     lines = ["Cost of each cell (wall time in seconds per stage; peak memory over the cell):", "",
-             "| method | task | seed | " + " | ".join(STAGES) + " | total s | peak RSS GB | peak CUDA GB |",
+             "| method | task | seed | " + " | ".join(STAGES) + " | total s | peak RSS GiB | peak CUDA GiB |",
              "|---|---|---|" + "---|" * (len(STAGES) + 3)]
     for r in sorted(records, key=lambda r: (r["task"], r["seed"], r["method"])):
         stages = {name: s for name, s in (r.get("stages") or {}).items() if s}

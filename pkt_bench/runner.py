@@ -10,6 +10,7 @@ record), and each record states their scores and keys beside its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -27,10 +28,10 @@ from rich.console import Console
 from pkt_bench.api import Task, TransferContext, UserError
 from pkt_bench.environment import environment
 from pkt_bench.evaluate import NEUTRAL_ENGINE_ARGS, check_backend, make_target
-from pkt_bench.models import ModelPair, context_length
+from pkt_bench.models import ModelPair, ModelRef, context_length
 from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
-from pkt_bench.taskdata import data_identity, task_options_identity
+from pkt_bench.taskdata import task_data_identity, task_options_identity
 from pkt_bench.stages import StageMeter, release_memory
 from pkt_bench.store import ResultStore
 
@@ -67,7 +68,7 @@ class Cell:
             "method": self.method.name, "method_config": dataclasses.asdict(self.config),
             "teacher": self.pair.teacher.identity, "student": self.pair.student.identity,
             "task": self.task_name, "task_version": self.task.version, "seed": self.seed,
-            "data_dir": data_identity(self.spec.data_dir, getattr(self.task, "data_subdir", None)),
+            "data_dir": task_data_identity(self.task, self.spec.data_dir),
             "backend": self.spec.backend, "limit": self.spec.limit,
             "device_type": self.pair.device.split(":")[0], "dtype": self.pair.dtype,
             "task_options": task_options_identity(self.task),
@@ -121,17 +122,18 @@ def plan(spec: RunSpec) -> list[Cell]:
     return cells
 
 
-_HAS_CHAT_TEMPLATE: set[str] = set()  # students (by identity) found to have one, so a sweep loads each tokenizer once
-
-
 def _check_format(formats: set[str], pair: ModelPair) -> None:
-    if "chat_template" in formats and pair.student.identity not in _HAS_CHAT_TEMPLATE:
-        from transformers import AutoTokenizer
+    if "chat_template" in formats:
+        _check_chat_template(pair.student)
 
-        from pkt_bench.formats import check
 
-        check("chat_template", AutoTokenizer.from_pretrained(pair.student.path))
-        _HAS_CHAT_TEMPLATE.add(pair.student.identity)
+@functools.cache  # once per student and process: a sweep plans many cells of one pair
+def _check_chat_template(student: ModelRef) -> None:
+    from transformers import AutoTokenizer
+
+    from pkt_bench.formats import check
+
+    check("chat_template", AutoTokenizer.from_pretrained(student.path))
 
 
 def check_records(cells: list[Cell], store: ResultStore, force: bool) -> None:

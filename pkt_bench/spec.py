@@ -75,15 +75,13 @@ class Budget:
 
     def keyed(self) -> dict[str, Any]:
         """The budget as cell keys and records' `cell` see it: `NEUTRAL_BUDGET_FIELDS` at their defaults."""
-        return {**dataclasses.asdict(self), **{name: _BUDGET_DEFAULTS[name] for name in NEUTRAL_BUDGET_FIELDS}}
+        return {**dataclasses.asdict(self),
+                **{f.name: f.default for f in dataclasses.fields(self) if f.name in NEUTRAL_BUDGET_FIELDS}}
 
     def optimizer_steps(self, n_examples: int) -> int:
         """Optimizer steps the shared loop takes on `n_examples` (the last accumulation group may be short)."""
         micro_batches = math.ceil(n_examples / self.batch_size) * self.epochs
         return math.ceil(micro_batches / self.grad_accum)
-
-
-_BUDGET_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Budget)}
 
 
 BUDGET_PRESETS: dict[str, dict[str, Any]] = {

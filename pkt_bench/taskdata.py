@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,20 @@ LATEN_FILES = {"seed": "extract", "align": "align", "train": "train"}
 """Transfer-data role -> the LaTen split file that holds it (LaTen calls the seed role "extract")."""
 
 
-def data_identity(data_dir: str | Path | None, subdir: str | None = None) -> str | None:
-    """What identifies local data in keys: the content digest of `data_dir/subdir` (the folder a task reads, or
-    the whole `data_dir` for a task that names none), not its path, so records made from the same files on
+def data_identity(data_dir: str | Path | None, subdirs: Sequence[str] = ()) -> str | None:
+    """What identifies local data in keys: the content digests of the folders `data_dir/<subdir>` a task reads
+    (the whole `data_dir` for a task that names none), not their paths, so records made from the same files on
     another machine are found again; None for the HF hub."""
     if not data_dir:
         return None
     root = Path(data_dir).expanduser()
-    return folder_identity(root / subdir if subdir and (root / subdir).is_dir() else root)
+    folders = [root / s for s in subdirs if (root / s).is_dir()] or [root]
+    return "+".join(folder_identity(folder) for folder in folders)
+
+
+def task_data_identity(task: Any, data_dir: str | Path | None) -> str | None:
+    """`data_identity` of the folders `task` reads (its `data_subdirs`)."""
+    return data_identity(data_dir, getattr(task, "data_subdirs", ()))
 
 
 def data_file(data_dir: str | Path, *candidates: str) -> Path:
@@ -124,7 +131,7 @@ def cached(key: tuple, build):
 def transfer_dir_identity(task: Any) -> str | None:
     """The content identity of a task's `-T transfer_dir` (its LaTen split folder), or None without one."""
     transfer_dir = getattr(getattr(task, "config", None), "transfer_dir", "")
-    return data_identity(transfer_dir, getattr(task, "laten_name", None)) if transfer_dir else None
+    return data_identity(transfer_dir, [task.laten_name]) if transfer_dir else None
 
 
 def task_options_identity(task: Any) -> dict[str, Any]:

@@ -93,18 +93,22 @@ def test_local_data_is_keyed_by_the_content_of_the_folder_the_task_reads(gsm8k_d
     import shutil
 
     from pkt_bench.registry import TASKS, make_task
-    from pkt_bench.taskdata import data_identity
+    from pkt_bench.taskdata import data_identity, task_data_identity
 
     root = gsm8k_data
     copy = tmp_path / "other-machine" / "eval"
     shutil.copytree(root, copy)
     task = make_task(TASKS.get("gsm8k"), str(copy), {})
-    assert data_identity(str(copy), task.data_subdir) == data_identity(str(root), "gsm8k")
+    assert task_data_identity(task, str(copy)) == data_identity(str(root), ["gsm8k"])
     (copy / "mbpp").mkdir()
     (copy / "mbpp" / "mbpp.jsonl").write_text("{}\n")  # another task's data: gsm8k's keys stay
-    assert data_identity(str(copy), "gsm8k") == data_identity(str(root), "gsm8k")
-    assert data_identity(str(copy), None) != data_identity(str(root), None)  # a task naming no folder: all of it
+    assert data_identity(str(copy), ["gsm8k"]) == data_identity(str(root), ["gsm8k"])
+    assert data_identity(str(copy)) != data_identity(str(root))  # a task naming no folder: all of it
+    humaneval = TASKS.get("humaneval").cls.data_subdirs  # its transfer data are MBPP's train problems
+    before = data_identity(str(copy), humaneval)
+    (copy / "mbpp" / "mbpp.jsonl").write_text('{"task_id": 601}\n')
+    assert data_identity(str(copy), humaneval) != before
     with open(copy / "gsm8k" / "test.jsonl", "a") as test:
         test.write(json.dumps({"question": "one more?", "answer": "#### 1"}) + "\n")
-    assert data_identity(str(copy), "gsm8k") != data_identity(str(root), "gsm8k")
+    assert data_identity(str(copy), ["gsm8k"]) != data_identity(str(root), ["gsm8k"])
     assert data_identity(None) is None

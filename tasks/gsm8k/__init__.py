@@ -27,7 +27,7 @@ class GSM8K(LmEvalTask):
     version = "1"
     Config = GSM8KOptions
     lm_eval_task = "pkt_gsm8k"
-    data_subdir = "gsm8k"
+    data_subdirs = ("gsm8k",)
     laten_name = "gsm"
     transfer_sizes = {"seed": 20, "align": 80, "train": 1000}
     generation = {"max_new_tokens": 512, "stop": ["\n"]}  # how a model answers a transfer prompt (distillation)

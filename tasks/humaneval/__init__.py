@@ -15,7 +15,7 @@ class HumanEval(CodeTask):
     reference = "tasks/humaneval/README.md"
     version = "1"
     lm_eval_task = "pkt_humaneval"
-    data_subdir = "humaneval"
+    data_subdirs = ("humaneval", "mbpp")  # its transfer data are MBPP's train problems
     laten_name = "humaneval"
     transfer_sizes = {"seed": 20, "align": 80, "train": 1000}
 

@@ -14,7 +14,7 @@ class MBPP(CodeTask):
     reference = "tasks/mbpp/README.md"
     version = "1"
     lm_eval_task = "pkt_mbpp"
-    data_subdir = "mbpp"
+    data_subdirs = ("mbpp",)
     laten_name = "mbpp"
     transfer_sizes = {"seed": 32, "align": 40, "train": 300}
 

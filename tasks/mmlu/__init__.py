@@ -35,7 +35,7 @@ class MMLU(LmEvalTask):
     version = "2"
     Config = MMLUOptions
     lm_eval_task = "pkt_mmlu"
-    data_subdir = "mmlu"
+    data_subdirs = ("mmlu",)
     laten_name = "mmlu"
     transfer_sizes = {"seed": 20, "align": 80, "train": 1000}
     generation = {"max_new_tokens": 4, "stop": ["\n"]}  # how a model answers a transfer prompt (distillation)
