@@ -33,11 +33,12 @@ LATEN_FILES = {"seed": "extract", "align": "align", "train": "train"}
 """Transfer-data role -> the LaTen split file that holds it (LaTen calls the seed role "extract")."""
 
 
-def data_identity(data_dir: str | Path | None, subdirs: Sequence[str] = ()) -> str | None:
+def data_identity(data_dir: str | Path | None, subdirs: Sequence[str] | None = ()) -> str | None:
     """What identifies local data in keys: the content digests of the folders `data_dir/<subdir>` a task reads
     (the whole `data_dir` for a task that names none), not their paths, so records made from the same files on
-    another machine are found again; None for the HF hub."""
-    if not data_dir:
+    another machine are found again; None for the HF hub and for a task that reads no local data
+    (`subdirs` None)."""
+    if not data_dir or subdirs is None:
         return None
     root = Path(data_dir).expanduser()
     folders = [root / s for s in subdirs if (root / s).is_dir()] or [root]

@@ -112,3 +112,5 @@ def test_local_data_is_keyed_by_the_content_of_the_folder_the_task_reads(gsm8k_d
         test.write(json.dumps({"question": "one more?", "answer": "#### 1"}) + "\n")
     assert data_identity(str(copy), ["gsm8k"]) != data_identity(str(root), ["gsm8k"])
     assert data_identity(None) is None
+    probe = make_task(TASKS.get("probe"), str(copy), {})  # reads no local data: --data-dir leaves its keys alone
+    assert task_data_identity(probe, str(copy)) is None

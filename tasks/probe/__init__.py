@@ -15,6 +15,7 @@ class Probe:
     reference = "tasks/probe/README.md"
     version = "2"
     transfer_format = "task"  # what `--transfer-format auto` means here: the pico tokenizer has no <|user|>
+    data_subdirs = None  # reads no local data folder: its keys do not depend on --data-dir / PKT_BENCH_DATA
 
     generation = {"max_new_tokens": 2, "stop": []}  # how a teacher answers a transfer prompt (distillation)
 
