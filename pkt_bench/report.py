@@ -350,8 +350,17 @@ def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any
 Made by `{command}` on {datetime.now(timezone.utc).strftime('%Y-%m-%d')} from the sweep config
 `{sweep.path}`: {len(outcome.cells)} cells, {outcome.ran} run for this report and {outcome.stored_before} reused from
 `{store.root}`. Records made on: {'; '.join(machines) or 'n/a'} (pkt-bench commit {', '.join(commits)}).
-Rerunning the command (without `--stored-only`) runs only the cells without a record.
+Rerunning the command (without `--stored-only`) runs only the cells without a record{_reads(sweep)}.
 {failed}"""
+
+
+def _reads(sweep: Sweep) -> str:
+    """What a rerun on another machine must export first: the environment variables the config reads."""
+    if not sweep.variables:
+        return ""
+    exports = " ".join(f"{name}={shlex.quote(value)}" for name, value in sweep.variables.items())
+    return (f"; the config reads {', '.join(f'`{v}`' for v in sweep.variables)} from the environment (here: "
+            f"`export {exports}`), so on another machine export them first, to its own copies")
 
 
 def _machine(env: dict[str, Any]) -> str:

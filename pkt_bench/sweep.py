@@ -100,6 +100,7 @@ class Sweep:
     grids: list[Grid]
     report: dict[str, Any]
     lines: dict[str, int]
+    variables: dict[str, str] = field(default_factory=dict)  # environment variables the config read -> value used
 
     def where(self, key: str) -> str:
         """`file:line` of a dotted key of the config (or of its nearest enclosing key)."""
@@ -142,10 +143,9 @@ class Sweep:
 
         def substitute(match: re.Match) -> str:
             name, default = match.group(1), match.group(2)
-            if name in os.environ:
-                return os.environ[name]
-            if default is not None:
-                return default
+            if name in os.environ or default is not None:
+                self.variables[name] = os.environ.get(name, default)
+                return self.variables[name]
             raise UserError(f"{self.where(key)}: environment variable {name} is not set (used by '{key}'); "
                             f"export {name}=... or give a default as ${{{name}:-VALUE}}")
 

@@ -13,6 +13,7 @@ from pkt_bench.sweep import Sweep
 
 TINY = """\
 methods: [student, lora]
+pairs: [{teacher: "${TINY_TEACHER:-pico-teacher}", student: pico-student}]
 tasks: [probe]
 seeds: [0, 1]
 budget: {examples: 8, epochs: 1}
@@ -126,6 +127,8 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     text = out.read_text()
     assert text.startswith("# Tiny report") and "Made by `pkt-bench report tiny.yaml`" in text
     assert "4 cells, 4 run for this report and 0 reused" in text  # student and teacher once, lora per seed
+    assert ("runs only the cells without a record; the config reads `TINY_TEACHER` from the environment (here: "
+            "`export TINY_TEACHER=pico-teacher`), so on another machine export them first" in text)
     assert "\nWeights: the pico pair, built in-process.\n" in text
     assert text.index("Weights: the pico pair") < text.index("## Claims at a glance")
     assert "| student | " in text and "Δ probe vs student" in text
@@ -171,7 +174,7 @@ def test_missing_methods_fail_with_one_list_and_write_nothing(tmp_path):
 def test_report_section_errors_name_the_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(TINY.replace("kind: small_and_unstable", "kind: smallish"))
-    with pytest.raises(UserError, match=r"bad.yaml:19: claim kind must be one of"):
+    with pytest.raises(UserError, match=r"bad.yaml:20: claim kind must be one of"):
         ReportConfig.from_sweep(Sweep.load(config))
     config.write_text(TINY.replace("  notes: |\n    Weights: the pico pair, built in-process.\n", "  notes: [a, b]\n"))
     with pytest.raises(UserError, match=r"bad.yaml:\d+: report 'notes' must be a markdown string"):

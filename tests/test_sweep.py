@@ -175,6 +175,8 @@ def test_the_checked_in_reproduction_config_parses(monkeypatch):
     assert all([m for m, _ in g.methods] == methods and g.seeds == [0, 1, 2] for g in sweep.grids)
     assert {p for g in sweep.grids for p in g.pairs} == {("pico-teacher", "pico-student"),
                                                          ("/models/PKT_QWEN_TEACHER", "/models/PKT_QWEN_STUDENT")}
+    assert sweep.variables == {name: f"/models/{name}" for name in ("PKT_QWEN_TEACHER", "PKT_QWEN_STUDENT",
+                                                                    "PKT_BENCH_DATA")}  # what the report asks to export
     assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]
 
 
