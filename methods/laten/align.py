@@ -45,7 +45,7 @@ class Translator(nn.Module):
         return {m: self.mlps[m](v) for m, v in vectors.items()}
 
 
-def _targets(model, selection: Selection, deltas: dict[str, torch.Tensor]) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+def targets(model, selection: Selection, deltas: dict[str, torch.Tensor]) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
     """(parameter name, axis, indices, Δ rows or columns) for every student matrix that receives Δ."""
     prefix = model.base_model_prefix
     for module, delta in deltas.items():  # [L_student, n, d_student]
@@ -60,7 +60,7 @@ def injected(model, selection: Selection, deltas: dict[str, torch.Tensor]) -> di
     """W' = W + Δ at the selected rows/columns, as new tensors differentiable in Δ (the model is untouched)."""
     params = dict(model.named_parameters())
     out = {}
-    for name, axis, indices, block in _targets(model, selection, deltas):
+    for name, axis, indices, block in targets(model, selection, deltas):
         base = params[name]
         out[name] = base.index_add(axis, indices.to(base.device), block.to(base.device, base.dtype))
     return out
@@ -73,7 +73,7 @@ def merge(model, selection: Selection, deltas: dict[str, torch.Tensor]) -> tuple
     weight's rounding step (2⁻⁹ of it) leaves that weight as it was."""
     params = dict(model.named_parameters())
     targeted = changed = 0
-    for name, axis, indices, block in _targets(model, selection, deltas):
+    for name, axis, indices, block in targets(model, selection, deltas):
         base = params[name]
         indices = indices.to(base.device)
         before = base.index_select(axis, indices)
