@@ -39,11 +39,17 @@ class UserError(Exception):
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt/response pair. Loss is taken on the response only; `prompt + response` is the full text."""
+    """One prompt/response pair. Loss is taken on the response only; `prompt + response` is the full text.
+
+    `chat` is the example as one (user, assistant) exchange, for a task whose chat protocol asks for another answer
+    form than its plain prompt does (the code tasks: the program in a Python block, where the plain prompt ends
+    it with "[DONE]"); the transfer formats that write a chat use it (`pkt_bench.formats`). None: the prompt and
+    response are the exchange."""
 
     prompt: str
     response: str
     id: str = ""
+    chat: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,10 @@ class Task(Protocol):
     the class has a `Config` dataclass of task options, `TaskClass(data_dir, config)`; a task that runs
     model-written code sets `executes_code = True` and takes `allow_code_execution=True` as well.
 
-    `version` changes whenever the prompt or the scoring changes; it is part of every record's key. A task may
-    also define `check_pair(pair)`, raising `UserError` before anything runs if it cannot evaluate that pair;
+    `version` changes whenever the prompt or the scoring changes; it is part of every record's key.
+    `transfer_version` (optional, "1" when absent) changes whenever the examples `transfer_data` returns change;
+    it is part of the key of every record and cached extraction that reads them. A task may also define
+    `check_pair(pair)`, raising `UserError` before anything runs if it cannot evaluate that pair;
     `generation = {"max_new_tokens": N, "stop": [...]}`, how a model answers its transfer prompts (used by
     distillation); and, with gold answers, `check(example, completion) -> bool` for a transfer example.
     The name is the one given at registration (`@register_task("name")`).

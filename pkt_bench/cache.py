@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pkt_bench import formats
 from pkt_bench.spec import cell_key
 from pkt_bench.taskdata import task_data_identity, transfer_dir_identity
 
@@ -32,7 +33,7 @@ def cache_identity(ctx: TransferContext, kind: str, identity: dict[str, Any]) ->
         "device_type": ctx.pair.device.split(":")[0], "dtype": ctx.pair.dtype,
         "task": ctx.task_name, "task_version": ctx.task.version,
         "data_dir": task_data_identity(ctx.task, ctx.data_dir),
-        "transfer_format": ctx.transfer_format,
+        **formats.identity(ctx.transfer_format, ctx.task),
         **({"transfer_dir": transfer_dir} if transfer_dir else {}),
     }
 

@@ -13,6 +13,10 @@ comparison, so that they all read the same text:
   tasks that say otherwise (`transfer_format = "task"` on the task class; the pico probe, whose word-level
   tokenizer has no `<|user|>` and whose evaluation prompt is the bare fact).
 
+Both chat formats write a task's chat exchange where its examples carry one (`Example.chat`): the code tasks'
+plain prompts end a program with MBPP's "[DONE]", which no chat evaluation stops at, so their chat answer is the
+program in a Python block, as their chat evaluation and LaTen's code splits have it.
+
 Evaluation is not changed by this option: each task evaluates in its own protocol (`-T chat_template=true` for
 the tokenizer's template). The papers evaluated with Open-Instruct; LaTen says in its chat (Tulu) format, whose
 single newline before `<|assistant|>` differs from its training text's double one; Seeking does not say.
@@ -38,6 +42,13 @@ def resolve(name: str, task: Any) -> str:
     return getattr(task, "transfer_format", "paper") if name == "auto" else name
 
 
+def identity(name: str, task: Any) -> dict[str, str]:
+    """What the transfer text of a cell depends on besides the data: the resolved format and the task's
+    `transfer_version`, which is left out at "1" so that keys made before it existed stay valid."""
+    version = getattr(task, "transfer_version", "1")
+    return {"transfer_format": name, **({"transfer_version": version} if version != "1" else {})}
+
+
 def check(name: str, tokenizer: Any) -> None:
     """Stop before anything runs when the tokenizer cannot render `name` (a resolved format)."""
     if name == "chat_template" and not getattr(tokenizer, "chat_template", None):
@@ -56,13 +67,15 @@ def answer_stops(name: str, task_stops: Sequence[str]) -> list[str]:
 
 
 def render(example: Example, name: str, tokenizer: Any = None) -> Example:
-    """`example` written in the resolved format `name`; the id is kept."""
+    """`example` written in the resolved format `name`; the id is kept. The chat formats write its `chat`
+    exchange where it has one."""
     if name == "task":
         return example
+    user, assistant = (example.chat or (example.prompt, example.response))
     if name == "paper":
-        prompt, response = f"{USER}{example.prompt.strip()}\n\n{ASSISTANT}", f"{example.response.strip()}\n\n"
+        prompt, response = f"{USER}{user.strip()}\n\n{ASSISTANT}", f"{assistant.strip()}\n\n"
     else:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": example.prompt.strip()}], tokenize=False,
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user.strip()}], tokenize=False,
                                                add_generation_prompt=True)
-        response = example.response.strip()
-    return dataclasses.replace(example, prompt=prompt, response=response)
+        response = assistant.strip()
+    return dataclasses.replace(example, prompt=prompt, response=response, chat=None)

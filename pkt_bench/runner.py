@@ -80,7 +80,9 @@ class Cell:
         if self.method.cls.fine_tunes:
             cell["budget"] = self.spec.budget.keyed()
         if getattr(self.method.cls, "uses_transfer_data", True):
-            cell["transfer_format"] = self.transfer_format
+            from pkt_bench.formats import identity
+
+            cell.update(identity(self.transfer_format, self.task))
         return cell
 
     @property

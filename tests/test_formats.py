@@ -23,6 +23,29 @@ def test_paper_format_is_the_upstream_chat_text_and_task_is_unchanged():
     assert render(EXAMPLE, "task") == EXAMPLE
 
 
+def test_chat_formats_write_an_examples_chat_exchange_and_task_keeps_its_plain_form():
+    """The code tasks' plain answers end in MBPP's "[DONE]", which no chat evaluation stops at: a model trained
+    on it in a chat wrote "[DONE]" into 58 of its 164 HumanEval programs (NameError, pass@1 0.18 against 0.46)."""
+    code = Example("task [BEGIN]\n", "x = 1\n[DONE]", "m1", chat=("task", "```python\nx = 1\n```"))
+    assert render(code, "task") == code
+    paper = render(code, "paper")
+    assert paper.prompt == "<|user|>\ntask\n\n<|assistant|>\n" and paper.response == "```python\nx = 1\n```\n\n"
+    assert paper.chat is None and paper.id == "m1"
+
+
+def test_transfer_version_keys_the_cells_and_caches_that_read_transfer_data():
+    from pkt_bench.formats import identity
+
+    class Old:
+        pass
+
+    class New:
+        transfer_version = "2"
+
+    assert identity("paper", Old()) == {"transfer_format": "paper"}  # keys made before the field stay valid
+    assert identity("paper", New()) == {"transfer_format": "paper", "transfer_version": "2"}
+
+
 def test_auto_resolves_per_task_and_bad_names_stop():
     class Benchmark:
         pass

@@ -79,3 +79,37 @@ def test_chat_variant_opens_a_python_block_and_runs_the_code_before_its_fence(tm
     result = mbpp.score(path, limit=3)
     assert result.details["lm_eval_task"] == "pkt_mbpp_chat" and result.metrics == {"pass@1": 1.0}
     assert result.details["example_prompt"].endswith("\n".join(test[0]["test_list"]) + "\n\n\n```python\n")
+
+
+def test_chat_transfer_answers_are_what_the_chat_evaluation_prompts_for_and_runs(tmp_path):
+    """In a chat the transfer data are the chat evaluation's user turn answered with the code in a Python block;
+    the code after the evaluation's opening fence, up to the closing one it stops at, passes the asserts."""
+    from pkt_bench.formats import render
+
+    mbpp = task(chat_template="true")
+    for example in mbpp.transfer_data("train")[:20]:
+        chat = render(example, "paper")
+        assert "[DONE]" not in chat.response and chat.response.startswith("```python\n")
+        assert chat.response.rstrip().endswith("```") and chat.prompt.startswith("<|user|>\nYou are an expert")
+    test = mbpp.docs("test")[:3]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"id": d["task_id"], "completion": mbpp.utils.chat_answer(d)
+                                        .removeprefix("```python\n")}) + "\n" for d in test))
+    result = mbpp.score(path, limit=3)
+    assert result.metrics == {"pass@1": 1.0}
+    assert result.details["example_prompt"].count(mbpp.utils.chat_prompt(test[0])) == 1
+
+
+def test_code_tasks_key_their_transfer_data_but_not_their_references(tiny_models):
+    from pkt_bench.runner import plan
+    from pkt_bench.spec import RunSpec
+
+    def cell(method, name):
+        spec = RunSpec(method=method, teacher=str(tiny_models["qwen2-teacher"]),
+                       student=str(tiny_models["qwen2-student"]), tasks=[name], data_dir=str(DATA),
+                       allow_code_execution=True, fit_context=True)
+        return plan(spec)[0].describe()
+
+    for name in ("mbpp", "humaneval"):
+        assert cell("lora", name)["transfer_version"] == "2"
+        assert "transfer_version" not in cell("student", name)

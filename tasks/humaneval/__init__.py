@@ -14,6 +14,7 @@ class HumanEval(CodeTask):
     description = "HumanEval: complete the function, run its tests; pass@1 greedy (pass@k from n samples)"
     reference = "tasks/humaneval/README.md"
     version = "1"
+    transfer_version = "2"  # MBPP's (its transfer data)
     lm_eval_task = "pkt_humaneval"
     data_subdirs = ("humaneval", "mbpp")  # its transfer data are MBPP's train problems
     laten_name = "humaneval"
@@ -23,7 +24,7 @@ class HumanEval(CodeTask):
         return doc["task_id"]
 
     def transfer_pool(self) -> list[Example]:
-        """HumanEval has no train split: MBPP's train problems (task_ids 601-974) in MBPP's prompt format."""
+        """HumanEval has no train split: MBPP's train problems (task_ids 601-974), written as MBPP writes them."""
         from pkt_bench.tasks.mbpp import MBPP
 
         return MBPP(self.data_dir, allow_code_execution=True).transfer_pool()

@@ -13,6 +13,7 @@ class MBPP(CodeTask):
     description = "MBPP test split (task_ids 11-510), 3-shot, run against the asserts; pass@1 greedy"
     reference = "tasks/mbpp/README.md"
     version = "1"
+    transfer_version = "2"  # 2: a chat exchange for the chat formats, without "[DONE]" (pkt_bench.formats)
     lm_eval_task = "pkt_mbpp"
     data_subdirs = ("mbpp",)
     laten_name = "mbpp"
@@ -22,8 +23,11 @@ class MBPP(CodeTask):
         return str(doc["task_id"])
 
     def transfer_pool(self) -> list[Example]:
-        """Train problems (task_ids 601-974) as zero-shot prompts answered with the reference code."""
-        return [Example(self.utils.prompt(doc), f"{doc['code']}\n[DONE]", f"mbpp:{doc['task_id']}")
+        """Train problems (task_ids 601-974) as zero-shot prompts answered with the reference code; in a chat, the
+        chat protocol's prompt answered with the code in a Python block."""
+        utils = self.utils
+        return [Example(utils.prompt(doc), f"{doc['code']}\n[DONE]", f"mbpp:{doc['task_id']}",
+                        chat=(utils.chat_prompt(doc), utils.chat_answer(doc)))
                 for doc in self.docs("train")]
 
     def leaked(self, examples: Sequence[Example]) -> list[Example]:

@@ -31,6 +31,18 @@ def prompt(doc: dict) -> str:
     return f"You are an expert Python programmer, and here is your task: {doc['text']} Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
 
 
+def chat_prompt(doc: dict) -> str:
+    """The user turn of the chat protocol (lm-eval's mbpp_instruct): the task and its three asserts."""
+    tests = "\n".join(doc["test_list"])
+    return f"You are an expert Python programmer, and here is your task:\n{doc['text']}\nYour code should pass these tests:\n{tests}"
+
+
+def chat_answer(doc: dict) -> str:
+    """The reference program as the chat protocol's answer: a Python block, which its evaluation opens for the
+    model and stops at the end of."""
+    return f"```python\n{doc['code']}\n```"
+
+
 def paper_exemplars(docs):
     return docs.filter(lambda doc: doc["task_id"] in EXEMPLARS)
 
