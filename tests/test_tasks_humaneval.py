@@ -10,6 +10,7 @@ import pytest
 from helpers import DATA, NO_DATA, REPO, cli
 
 from pkt_bench.api import UserError
+from pkt_bench.formats import render
 
 LATEN = REPO.parent / "shared" / "data" / "laten_splits"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=NO_DATA)
@@ -93,6 +94,8 @@ def test_transfer_data_defaults_to_mbpp_train_and_holds_no_problem():
     sizes = {role: len(humaneval.transfer_data(role)) for role in ("seed", "align", "train")}
     assert sizes == {"seed": 20, "align": 80, "train": 274}  # all 374 of MBPP's train problems
     assert humaneval.transfer_data("seed")[0].prompt.startswith("You are an expert Python programmer")
+    for example in humaneval.transfer_data("train"):  # [DONE] is MBPP's stop, not HumanEval's: a NameError here
+        assert "[DONE]" not in example.response and "[DONE]" not in render(example, "paper").response
     planted = problems()[7]
     assert humaneval.leaked([humaneval.transfer_data("seed")[0],
                              type(humaneval.transfer_data("seed")[0])(planted["prompt"], "    pass\n", "x")])[0].id == "x"

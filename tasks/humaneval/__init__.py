@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from pkt_bench.api import Example
@@ -14,7 +15,7 @@ class HumanEval(CodeTask):
     description = "HumanEval: complete the function, run its tests; pass@1 greedy (pass@k from n samples)"
     reference = "tasks/humaneval/README.md"
     version = "1"
-    transfer_version = "2"  # MBPP's (its transfer data)
+    transfer_version = "2"  # 2: no "[DONE]", and MBPP's chat exchange in a chat (tasks/mbpp/README.md)
     lm_eval_task = "pkt_humaneval"
     data_subdirs = ("humaneval", "mbpp")  # its transfer data are MBPP's train problems
     laten_name = "humaneval"
@@ -24,10 +25,12 @@ class HumanEval(CodeTask):
         return doc["task_id"]
 
     def transfer_pool(self) -> list[Example]:
-        """HumanEval has no train split: MBPP's train problems (task_ids 601-974), written as MBPP writes them."""
+        """HumanEval has no train split: MBPP's train problems (task_ids 601-974), written as MBPP writes them
+        but for its "[DONE]", where HumanEval's evaluation does not stop (the program would end in a NameError)."""
         from pkt_bench.tasks.mbpp import MBPP
 
-        return MBPP(self.data_dir, allow_code_execution=True).transfer_pool()
+        return [dataclasses.replace(e, response=e.response.removesuffix("\n[DONE]"))
+                for e in MBPP(self.data_dir, allow_code_execution=True).transfer_pool()]
 
     def leaked(self, examples: Sequence[Example]) -> list[Example]:
         """Examples holding a problem's signature line and the first line of its docstring."""
