@@ -1,10 +1,12 @@
-"""MBPP's reference code through the scorer on all 500 test problems (task_ids 11-510), with the wall time.
+"""MBPP's reference code through the scorer on all 500 test problems (task_ids 11-510), with the wall time; then
+HumanEval's transfer data, MBPP's train problems written as HumanEval problems, each run with its asserts.
 
     python benchmarks/mbpp_reference.py [--data-dir DIR]   (default: ../shared/data/eval)
 
-The test suite scores the first 100 (tests/test_tasks_mbpp.py); this runs them all, as `pkt-bench score` does,
-and lists every problem whose reference code fails, with the sandbox's reason. The result is recorded in
-tasks/mbpp/README.md.
+The test suite scores the first 100 (tests/test_tasks_mbpp.py) and runs the first 20 transfer problems
+(tests/test_tasks_humaneval.py); this runs them all, as `pkt-bench score` does, and lists every problem whose
+code fails, with the sandbox's reason. The results are recorded in tasks/mbpp/README.md and
+tasks/humaneval/README.md.
 """
 
 from __future__ import annotations
@@ -37,6 +39,26 @@ def main() -> None:
           f"{len(result.items)} problems) in {wall:.1f} s")
     for item in failed:
         print(f"  task {item['id']}: {item['status']}: {item['reason']}")
+    transfer_problems(args.data_dir)
+
+
+def transfer_problems(data_dir: str) -> None:
+    """Every HumanEval transfer example's prompt + completion, then its MBPP problem's asserts."""
+    from pkt_bench.sandbox import run_programs
+    from pkt_bench.tasks.mbpp import utils
+
+    humaneval = make_task(TASKS.get("humaneval"), data_dir, {}, allow_code_execution=True)
+    docs = {f"mbpp:{doc['task_id']}": doc for doc in utils.dataset(data_dir)["train"]}
+    examples = humaneval.transfer_pool()
+    started = time.perf_counter()
+    results = run_programs([e.prompt + e.response + "\n" + docs[e.id]["test_setup_code"] + "\n"
+                            + "\n".join(docs[e.id]["test_list"]) + "\n" for e in examples])
+    wall = time.perf_counter() - started
+    failed = [(e.id, r) for e, r in zip(examples, results) if not r.passed]
+    print(f"HumanEval transfer data: {len(examples) - len(failed)}/{len(examples)} of {len(docs)} MBPP train problems "
+          f"pass their asserts as HumanEval problems in {wall:.1f} s")
+    for ident, result in failed:
+        print(f"  {ident}: {result.status}: {result.reason}")
 
 
 if __name__ == "__main__":

