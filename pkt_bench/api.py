@@ -42,9 +42,9 @@ class Example:
     """One prompt/response pair. Loss is taken on the response only; `prompt + response` is the full text.
 
     `chat` is the example as one (user, assistant) exchange, for a task whose chat protocol asks for another answer
-    form than its plain prompt does (the code tasks: the program in a Python block, where the plain prompt ends
-    it with "[DONE]"); the transfer formats that write a chat use it (`pkt_bench.formats`). None: the prompt and
-    response are the exchange."""
+    form than its plain prompt does (the code tasks: the program in a Python block, as their chat evaluations
+    write it); the transfer formats that write a chat use it (`pkt_bench.formats`). None: the prompt and response
+    are the exchange."""
 
     prompt: str
     response: str
