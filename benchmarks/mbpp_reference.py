@@ -4,8 +4,8 @@ HumanEval's transfer data, MBPP's train problems written as HumanEval problems, 
     python benchmarks/mbpp_reference.py [--data-dir DIR]   (default: ../shared/data/eval)
 
 The test suite scores the first 100 (tests/test_tasks_mbpp.py) and runs the first 20 transfer problems
-(tests/test_tasks_humaneval.py); this runs them all, as `pkt-bench score` does, and lists every problem whose
-code fails, with the sandbox's reason. The results are recorded in tasks/mbpp/README.md and
+(tests/test_tasks_humaneval.py); this runs them all (the test problems as `pkt-bench score` does, the transfer
+problems in MBPP's program with its asserts) and lists every problem whose code fails, with the sandbox's reason. The results are recorded in tasks/mbpp/README.md and
 tasks/humaneval/README.md.
 """
 
@@ -51,8 +51,7 @@ def transfer_problems(data_dir: str) -> None:
     docs = {f"mbpp:{doc['task_id']}": doc for doc in utils.dataset(data_dir)["train"]}
     examples = humaneval.transfer_pool()
     started = time.perf_counter()
-    results = run_programs([e.prompt + e.response + "\n" + docs[e.id]["test_setup_code"] + "\n"
-                            + "\n".join(docs[e.id]["test_list"]) + "\n" for e in examples])
+    results = run_programs([utils.program(docs[e.id], e.prompt + e.response) for e in examples])
     wall = time.perf_counter() - started
     failed = [(e.id, r) for e, r in zip(examples, results) if not r.passed]
     print(f"HumanEval transfer data: {len(examples) - len(failed)}/{len(examples)} of {len(docs)} MBPP train problems "

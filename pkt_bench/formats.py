@@ -13,9 +13,9 @@ comparison, so that they all read the same text:
   tasks that say otherwise (`transfer_format = "task"` on the task class; the pico probe, whose word-level
   tokenizer has no `<|user|>` and whose evaluation prompt is the bare fact).
 
-Both chat formats write a task's chat exchange where its examples carry one (`Example.chat`): the code tasks'
-plain prompts end a program with MBPP's "[DONE]", which no chat evaluation stops at, so their chat answer is the
-program in a Python block, as their chat evaluation and LaTen's code splits have it.
+Both chat formats write a task's chat exchange where its examples carry one (`Example.chat`): the code tasks
+answer in a chat as their chat evaluations do, the program in a Python block (as LaTen's code splits do too), not
+in MBPP's plain form, whose "[DONE]" no chat evaluation stops at.
 
 Evaluation is not changed by this option: each task evaluates in its own protocol (`-T chat_template=true` for
 the tokenizer's template). The papers evaluated with Open-Instruct; LaTen says in its chat (Tulu) format, whose

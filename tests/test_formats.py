@@ -33,7 +33,7 @@ def test_chat_formats_write_an_examples_chat_exchange_and_task_keeps_its_plain_f
     assert paper.chat is None and paper.id == "m1"
 
 
-def test_transfer_version_keys_the_cells_and_caches_that_read_transfer_data():
+def test_transfer_identity_holds_the_tasks_transfer_version_from_2_on():
     from pkt_bench.formats import identity
 
     class Old:

@@ -119,8 +119,7 @@ def test_transfer_data_are_mbpp_problems_written_as_humaneval_problems():
                                f"the tests:\n```python\n{example.prompt}\n```\n\n<|assistant|>\n")
         assert chat.response == (f"Here is the completed function:\n```python\n{example.prompt}\n"
                                  f"{example.response.rstrip()}\n```\n\n")
-    programs = [example.prompt + example.response + "\n" + docs[example.id]["test_setup_code"] + "\n"
-                + "\n".join(docs[example.id]["test_list"]) + "\n" for example in examples]
+    programs = [mbpp.program(docs[example.id], example.prompt + example.response) for example in examples]
     assert [result.passed for result in run_programs(programs)] == [True] * len(examples)
     assert humaneval.utils.from_mbpp(docs["mbpp:966"]) is None  # a comment after its signature's colon
 
