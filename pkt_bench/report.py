@@ -413,20 +413,34 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
 
 
 def _cell_costs(records: list[dict[str, Any]]) -> list[str]:
-    """Each cell's wall time, per stage and in all, and its peak resident memory (and CUDA's, where used)."""
+    """Each cell's wall time, per stage and in all, its peak resident memory (and CUDA's, where used), and how much
+    of the student's behaviour it left as it was."""
     from pkt_bench.runner import STAGES
 
-    lines = ["Cost of each cell (wall time in seconds per stage; peak memory over the cell):", "",
-             "| method | task | seed | " + " | ".join(STAGES) + " | total s | peak RSS GiB | peak CUDA GiB |",
-             "|---|---|---|" + "---|" * (len(STAGES) + 3)]
+    by_key = {r.get("key"): r for r in records}
+    lines = ["Cost of each cell (wall time in seconds per stage; peak memory over the cell; *as student*: the share of "
+             "items whose record, output and score, is identical to the student reference's, so a method that left "
+             "the student as it was shows near 100% whatever its score):", "",
+             "| method | task | seed | " + " | ".join(STAGES) +
+             " | total s | peak RSS GiB | peak CUDA GiB | as student |",
+             "|---|---|---|" + "---|" * (len(STAGES) + 4)]
     for r in sorted(records, key=lambda r: (r["task"], r["seed"], r["method"])):
         stages = {name: s for name, s in (r.get("stages") or {}).items() if s}
         seconds = [f"{stages[name]['wall_s']:,.1f}" if name in stages else "" for name in STAGES]
         rss = max((s.get("peak_rss_mb") or 0 for s in stages.values()), default=0) / 1024
         cuda = max((s.get("peak_cuda_mb") or 0 for s in stages.values()), default=0) / 1024
+        student = by_key.get((r.get("references") or {}).get("student", {}).get("key"))
+        same = f"{_same_items(r, student):.0%}" if student is not None else ""
         lines.append(f"| {r['method']} | {r['task']} | {r['seed']} | " + " | ".join(seconds) +
-                     f" | {r.get('wall_s') or 0:,.1f} | {rss:.1f} | {f'{cuda:.1f}' if cuda else ''} |")
+                     f" | {r.get('wall_s') or 0:,.1f} | {rss:.1f} | {f'{cuda:.1f}' if cuda else ''} | {same} |")
     return [*lines, ""]
+
+
+def _same_items(record: dict[str, Any], student: dict[str, Any]) -> float:
+    """The share of `record`'s items identical to the student's item of the same id."""
+    theirs = {str(item.get("id", i)): item for i, item in enumerate(student["items"])}
+    items = record["items"]
+    return sum(item == theirs.get(str(item.get("id", i))) for i, item in enumerate(items)) / max(len(items), 1)
 
 
 def _controls_table(rows: list[Score], config: ReportConfig) -> list[str]:

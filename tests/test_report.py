@@ -155,9 +155,12 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     text = partial.read_text()
     assert "**Incomplete: 1 of 4 cells have no record yet** and are missing from the tables: probe seed 1: lora." in text
     costs = re.findall(r"\| (student|teacher|lora) \| probe \| (\d) \| ([\d.,]*) \| ([\d.,]*) \| ([\d.,]*) \| "
-                       r"([\d.,]+) \| ([\d.,]+) \| ([\d.]+) \|  \|", text)
+                       r"([\d.,]+) \| ([\d.,]+) \| ([\d.]+) \|  \| (\d*%?) \|", text)
     assert sorted((method, seed) for method, seed, *_ in costs) == [("lora", "0"), ("student", "0"), ("teacher", "0")]
-    assert all(0 < float(evaluate) <= float(total) and float(rss) > 0 for *_, evaluate, total, rss in costs)
+    assert all(0 < float(evaluate) <= float(total) and float(rss) > 0 for *_, evaluate, total, rss, _ in costs)
+    # the references have no student to compare with; lora's fine-tuned outputs are compared item by item
+    shares = {method: same for method, *_, same in costs}
+    assert shares["student"] == shares["teacher"] == "" and re.fullmatch(r"\d+%", shares["lora"])
     assert "0 run for this report and 3 reused" in text and not store.path(lora_1["key"]).exists()
     assert "| lora | " in text  # seed 0 is in the table
 
@@ -200,3 +203,17 @@ def test_the_pairs_section_has_methods_by_rung_with_deltas_and_a_plot(tmp_path):
     assert "| method | pico-kin-same | pico |" in text and "(chance 0.025)" in text and "2.0 min of cell" not in text
     assert "| graft | 0.600 [" in text and "Δ +0.58*" in text and "| – |" in text
     assert (tmp_path / "figs" / "pairs-probe.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_cost_table_shows_how_much_of_the_student_a_method_left_as_it_was():
+    from pkt_bench.report import _cell_costs
+
+    student = {**_record("student", "T", "S", 0, 20), "key": "s", "references": {}}
+    same = {**_record("no-op", "T", "S", 0, 20), "key": "a", "references": {"student": {"key": "s"}}}
+    half = {**_record("half", "T", "S", 0, 20), "key": "b", "references": {"student": {"key": "s"}}}
+    half["items"] = [dict(item, output="changed") if i % 2 else item for i, item in enumerate(half["items"])]
+    orphan = {**_record("orphan", "T", "S", 0, 20), "key": "c", "references": {"student": {"key": "elsewhere"}}}
+    lines = _cell_costs([student, same, half, orphan])
+    rows = {cells[1].strip(): cells[-2].strip() for line in lines[lines.index("") + 3:] if (cells := line.split("|"))[1:]}
+    # identical items at the same score are the sign of a method that changed nothing; the share says how many
+    assert rows == {"student": "", "no-op": "100%", "half": "50%", "orphan": ""}

@@ -264,3 +264,31 @@ def test_bf16_extraction_chooses_what_fp32_chooses(tiny_models, family, tmp_path
         other = half["blocks"][label]
         overlap = max(0, rows - abs(block["row"] - other["row"])) * max(0, cols - abs(block["col"] - other["col"]))
         assert overlap >= 0.9 * rows * cols, (label, block, other)
+
+
+def test_a_cached_extraction_is_keyed_by_everything_its_text_and_weights_depend_on(tiny_models, tmp_path):
+    from dataclasses import replace
+
+    from pkt_bench.cache import cache_identity
+    from pkt_bench.spec import cell_key
+
+    ctx = context(tiny_models, "llama", tmp_path)
+
+    def key(c, identity=None):
+        return cell_key(cache_identity(c, "sensitivity", identity or {"rank": 4}))
+
+    class Rewritten(WordsTask):
+        transfer_version = "3"
+
+    class Unversioned(WordsTask):
+        transfer_version = "1"
+
+    other_teacher = context(tiny_models, "llama", tmp_path, teacher=tiny_models["llama-student"])
+    variants = {"rank": key(ctx, {"rank": 8}), "format": key(replace(ctx, transfer_format="chat_template")),
+                "version": key(replace(ctx, task=Rewritten())), "teacher": key(other_teacher),
+                "dtype": key(replace(ctx, pair=replace(ctx.pair, dtype="bfloat16"))),
+                "task": key(replace(ctx, task_name="other"))}
+    assert key(ctx) not in variants.values() and len(set(variants.values())) == len(variants)
+    # the workdir, seed and backend do not change what is extracted; version "1" is the key made before versions
+    assert key(replace(ctx, workdir=tmp_path / "elsewhere", seed=7, backend="vllm")) == key(ctx)
+    assert key(replace(ctx, task=Unversioned())) == key(ctx)
