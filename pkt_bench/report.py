@@ -33,7 +33,9 @@ items, p the paired test's p-value (McNemar's for 0/1 metrics, else the paired b
   Δ > `small`, p < α and stable; not significant when Δ > `small` and p >= α; partly supported otherwise
   (small but a stable, significant effect; or large and significant but unstable).
 
-  Per-seed gains that are all exactly zero are *no effect*, not unstable.
+  Per-seed gains that are all exactly zero are *no effect*, not unstable. Stability needs two seeds or more:
+  with one, a significant Δ (the case where the verdict turns on it) is `needs seeds`, never "not supported" or
+  "partly supported".
 
 A claim that transfer fails (`small_and_unstable`) is only "supported" where the instrument was shown to see a
 transfer: with `controls:` in the report section,
@@ -233,7 +235,9 @@ def check(claim: Claim, rows: list[Score], controls: Controls | None = None) -> 
             unstable = len(gains) > 1 and not no_effect and (
                 min(gains) < 0 < max(gains) or statistics.stdev(gains) >= abs(statistics.fmean(gains)))
             small = s.delta <= claim.small
-            if small:
+            if significant and len(gains) < 2:
+                verdict = "needs seeds"
+            elif small:
                 verdict = "supported" if unstable or not significant else "partly supported"
             else:
                 verdict = ("not significant" if not significant else "partly supported" if unstable

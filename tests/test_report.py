@@ -85,6 +85,10 @@ def test_most_on_a_task():
     (0.20, 0.01, {0: 0.7, 1: 0.72, 2: 0.68}, "not supported"),   # large, significant, stable
     (0.20, 0.20, {0: 0.7, 1: 0.72, 2: 0.68}, "not significant"),
     (0.20, 0.01, {0: 1.0, 1: 0.45, 2: 0.65}, "partly supported"),   # large and significant but unstable
+    (0.20, 0.01, {0: 0.7}, "needs seeds"),    # large and significant, but one seed cannot show it stable
+    (0.03, 0.01, {0: 0.53}, "needs seeds"),   # small and significant: stability decides, and one seed is silent
+    (0.02, 0.30, {0: 0.52}, "supported"),     # small and not significant: stability does not matter
+    (0.20, 0.20, {0: 0.7}, "not significant"),
 ])
 def test_small_and_unstable_rule(delta, p, seeds, verdict):
     found = check(SMALL, row("sensitivity", "gsm8k", delta, p, seeds) + SEEING, CONTROLS)
@@ -139,7 +143,7 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     assert "scores-probe.png" in text and "cost-probe.png" in text
     verdicts = re.findall(r"\| (Made-up paper [AB]) \| [^|]+ \| \*\*([^*]+)\*\* \|", text)
     assert [paper for paper, _ in verdicts] == ["Made-up paper A", "Made-up paper B"]
-    assert all(v in ("supported", "not supported", "not significant", "partly supported", "no power")
+    assert all(v in ("supported", "not supported", "not significant", "partly supported", "no power", "needs seeds")
                or v.startswith("mixed")
                for _, v in verdicts)
     assert "| lora | pico | probe |" in text and "| lora | pico-teacher -> pico-student | most on probe |" in text
