@@ -212,15 +212,20 @@ def _mean_costs(group: list[dict[str, Any]]) -> dict[str, float]:
     return {name: sum(r.get("costs", {}).get(name, 0) for r in group) / len(group) for name in names}
 
 
+def items_by_id(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A record's items by id (an item without one goes by its position), in the record's order."""
+    return {str(item.get("id", i)): item for i, item in enumerate(record["items"])}
+
+
 def _outcomes(group: list[dict[str, Any]], metric: str) -> tuple[list[str], np.ndarray] | None:
     """The group's per-item values of `metric` as (item ids, `[seeds, items]`); None when any is missing."""
-    ids = [str(item.get("id", i)) for i, item in enumerate(group[0]["items"])]
+    ids = list(items_by_id(group[0]))
     if not ids:
         return None
     rows = []
     for record in group:
-        values = {str(item.get("id", i)): item.get(metric) for i, item in enumerate(record["items"])}
-        row = [values.get(i) for i in ids]
+        items = items_by_id(record)
+        row = [items[i].get(metric) if i in items else None for i in ids]
         if not all(isinstance(v, (int, float)) for v in row):
             return None
         rows.append(row)

@@ -68,7 +68,7 @@ from typing import Any
 from rich.console import Console
 
 from pkt_bench.api import UserError
-from pkt_bench.leaderboard import ALPHA, Score, model_identity, render, scores
+from pkt_bench.leaderboard import ALPHA, Score, items_by_id, model_identity, render, scores
 from pkt_bench.store import ResultStore
 from pkt_bench.sweep import Grid, Sweep, SweepOutcome, run_sweep
 
@@ -442,9 +442,8 @@ def _cell_costs(records: list[dict[str, Any]]) -> list[str]:
 
 def _same_items(record: dict[str, Any], student: dict[str, Any]) -> float:
     """The share of `record`'s items identical to the student's item of the same id."""
-    theirs = {str(item.get("id", i)): item for i, item in enumerate(student["items"])}
-    items = record["items"]
-    return sum(item == theirs.get(str(item.get("id", i))) for i, item in enumerate(items)) / max(len(items), 1)
+    ours, theirs = items_by_id(record), items_by_id(student)
+    return sum(item == theirs.get(i) for i, item in ours.items()) / max(len(ours), 1)
 
 
 def _controls_table(rows: list[Score], config: ReportConfig) -> list[str]:
