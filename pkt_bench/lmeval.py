@@ -211,10 +211,7 @@ class LmEvalTask:
     def evaluate(self, target: EvalTarget, limit: int | None) -> EvalResult:
         _quiet_lm_eval()
         lm = target.lm_eval_model()
-        result = self._run(lm, limit, backend=getattr(target, "backend", type(lm).__name__))
-        if getattr(target, "engine_settings", None):
-            result.details["engine_settings"] = target.engine_settings  # vLLM's CPU threads and KV cache
-        return result
+        return self._run(lm, limit, backend=getattr(target, "backend", type(lm).__name__))
 
     def score(self, predictions: str | Path, limit: int | None = None) -> EvalResult:
         """Score completions produced elsewhere (`pkt-bench score`) with the same scorer as `evaluate`: all test

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from pkt_bench.api import Task, TransferContext, UserError
 from pkt_bench.environment import environment
-from pkt_bench.evaluate import NEUTRAL_ENGINE_ARGS, check_backend, make_target
+from pkt_bench.evaluate import NEUTRAL_ENGINE_ARGS, check_backend, make_target, resolve_backend
 from pkt_bench.models import ModelPair, ModelRef, context_length
 from pkt_bench.registry import METHODS, TASKS, Entry, make_task
 from pkt_bench.spec import SCHEMA_VERSION, RunSpec, cell_key
@@ -49,6 +49,7 @@ class Cell:
     pair: ModelPair
     task_name: str
     task: Task
+    backend_reason: str = ""  # why `spec.backend` (resolved from `auto`, or as asked)
 
     @property
     def transfer_format(self) -> str:
@@ -119,9 +120,14 @@ def plan(spec: RunSpec) -> list[Cell]:
             raise UserError(f"task {task_name!r} generates up to {needed} tokens, but the pair's context holds "
                             f"{context}; pick a pair with a longer context, or pass --fit-context to cut generation "
                             f"to half the context (recorded)")
-    cells = [Cell(method, config, spec, pair, task_name, task) for task_name, task in tasks]
-    _check_format({cell.transfer_format for cell in cells}, pair)
-    return cells
+    from pkt_bench.formats import resolve
+
+    _check_format({resolve(spec.transfer_format, task) for _, task in tasks}, pair)
+    backend, backend_reason = resolve_backend(spec.backend, pair)  # after every other check: it may import vLLM
+    if spec.backend == "auto":
+        check_backend(backend, spec.vllm_args)  # engine settings, now that auto has picked
+        spec = dataclasses.replace(spec, backend=backend)
+    return [Cell(method, config, spec, pair, task_name, task, backend_reason) for task_name, task in tasks]
 
 
 def _check_format(formats: set[str], pair: ModelPair) -> None:
@@ -161,8 +167,9 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
     console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(c.task_name for c in cells)}; "
                   f"teacher {pair.teacher.name} -> student {pair.student.name} ({pair.device}, {pair.dtype}); seed "
                   f"{spec.seed}; library logs: {'stderr and ' if verbose else ''}{log}")
+    console.print(f"  backend {cells[0].spec.backend}: {cells[0].backend_reason}")
     with library_logs(log, verbose):
-        return _run_cells(cells, spec, store, force, console)
+        return _run_cells(cells, cells[0].spec, store, force, console)  # the spec with its backend resolved
 
 
 def _run_cells(cells: list[Cell], spec: RunSpec, store: ResultStore, force: bool,
@@ -182,7 +189,7 @@ def _run_cells(cells: list[Cell], spec: RunSpec, store: ResultStore, force: bool
             for name in REFERENCE_METHODS:
                 if name != method.name:
                     entry = METHODS.get(name)
-                    ref_cell = Cell(entry, entry.make_config({}), spec, pair, task_name, task)
+                    ref_cell = Cell(entry, entry.make_config({}), spec, pair, task_name, task, cell.backend_reason)
                     ref = _run_cell(ref_cell, store, False, console, {}, overwrite_unreadable=force)
                     references[name] = {"key": ref.key, "primary_metric": ref.record["primary_metric"],
                                         "score": ref.record["metrics"][ref.record["primary_metric"]]}
@@ -327,6 +334,8 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
             result = cell.task.evaluate(target, cell.spec.limit)
         finally:
             target.close()  # the engine's memory is back before the next cell loads a model
+        if getattr(target, "engine_settings", None):  # vLLM's: CPU threads, KV cache, eager
+            result.details["engine_settings"] = target.engine_settings
     if artifact.path.startswith(str(workdir)):  # keep the artifact beside its record, under the final name
         final_dir = store.place_artifact(key, workdir)
         artifact = dataclasses.replace(artifact, path=str(final_dir) + artifact.path[len(str(workdir)):])
@@ -337,7 +346,7 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
         "teacher": cell.pair.teacher.name, "student": cell.pair.student.name,
         "transfer_format": cell.transfer_format if getattr(cell.method.cls, "uses_transfer_data", True) else None,
         "metrics": result.metrics, "primary_metric": result.primary_metric, "items": result.items,
-        "evaluation": result.details,
+        "evaluation": {**result.details, "backend_choice": cell.backend_reason},
         "references": references,
         "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
         "stages": stages, "wall_s": round(time.perf_counter() - started, 3), "fine_tune": ctx.training,

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ class RunSpec:
     seed: int = 0
     budget: Budget = field(default_factory=Budget)
     data_dir: str | None = None
-    backend: str = "hf"
+    backend: str = field(default_factory=lambda: os.environ.get("PKT_BENCH_BACKEND") or "auto")  # a machine's default
     dtype: str = "auto"
     device: str = "auto"
     limit: int | None = None
@@ -271,7 +272,9 @@ def folder_identity(folder: str | Path) -> str:
     copy of the same files under another path (another machine) has the same keys and its stored records are
     found again, and a changed file gives new ones. The digest is SHA-256 over every file's path relative to the
     folder and its bytes (hidden files and `*.partial` left out), computed once per process while no file's size
-    or modification time changes (about 2 s per GB)."""
+    or modification time changes (about 2 s per GB). The JSON files of `SERIALIZATION_FIELDS` enter without the
+    fields that only say which library version wrote them, so a model saved again by another transformers has the
+    same identity when nothing else differs."""
     root = Path(folder).expanduser().resolve()
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
                    p.relative_to(root).parts) and not p.name.endswith(".partial"))
@@ -279,9 +282,34 @@ def folder_identity(folder: str | Path) -> str:
     if stamp not in _DIGESTS:
         digest = hashlib.sha256()
         for path in files:
-            digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
+            name = path.relative_to(root).as_posix()
+            content = _without_serialization_fields(path, SERIALIZATION_FIELDS.get(name, ()))
+            size = len(content) if content is not None else path.stat().st_size
+            digest.update(f"{name}\0{size}\0".encode())
+            if content is not None:
+                digest.update(content)
+                continue
             with open(path, "rb") as data:
                 while chunk := data.read(1 << 24):
                     digest.update(chunk)
         _DIGESTS[stamp] = digest.hexdigest()[:16]
     return f"{root.name}@{_DIGESTS[stamp]}"
+
+
+SERIALIZATION_FIELDS = {"config.json": ("transformers_version",), "generation_config.json": ("transformers_version",)}
+"""Top-level fields of a model folder's JSON files that record the writer's version, not the model."""
+
+
+def _without_serialization_fields(path: Path, fields: tuple[str, ...]) -> bytes | None:
+    """The file as canonical JSON (sorted keys, no spaces) without `fields`; None (its bytes are hashed as they
+    are) when it names no fields or is not a JSON object."""
+    if not fields:
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    return json.dumps({k: v for k, v in data.items() if k not in fields}, sort_keys=True,
+                      separators=(",", ":")).encode()

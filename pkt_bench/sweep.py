@@ -238,7 +238,8 @@ class Sweep:
                     for cell in plan_cells(spec):
                         seeded = getattr(cell.method.cls, "seeded", True)  # the student and teacher: seed 0 only
                         for seed in grid.seeds if seeded else [0]:
-                            one = dataclasses.replace(spec, tasks=[cell.task_name], seed=seed)
+                            # the cell's spec: `backend: auto` resolved, as the worker resolves it
+                            one = dataclasses.replace(cell.spec, tasks=[cell.task_name], seed=seed)
                             key = dataclasses.replace(cell, spec=one).key
                             cells.setdefault(key, SweepCell(one, key, grid.resources))
                             rank.setdefault(key, index)

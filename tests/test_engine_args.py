@@ -21,7 +21,7 @@ def test_engine_args_reach_vllm_and_override_our_defaults(monkeypatch):
     assert args == {"gpu_memory_utilization": 0.5, "max_model_len": 4096, "enforce_eager": True}
     make_target(Artifact("model", "/m"), "vllm", "cuda", "bfloat16", 8, {**args, "seed": 3}).lm_eval_model()
     assert seen["gpu_memory_utilization"] == 0.5 and seen["max_model_len"] == 4096 and seen["seed"] == 3
-    assert seen["pretrained"] == "/m" and seen["batch_size"] == 8
+    assert seen["pretrained"] == "/m" and seen["max_num_seqs"] == 8 and seen["batch_size"] == "auto"
 
 
 def test_engine_args_need_a_vllm_backend():

@@ -114,3 +114,36 @@ def test_local_data_is_keyed_by_the_content_of_the_folder_the_task_reads(gsm8k_d
     assert data_identity(None) is None
     probe = make_task(TASKS.get("probe"), str(copy), {})  # reads no local data: --data-dir leaves its keys alone
     assert task_data_identity(probe, str(copy)) is None
+
+
+def test_a_folder_saved_again_by_another_transformers_keeps_its_identity(tiny_models, tmp_path):
+    """Two copies of one model that differ only in the version stamp transformers writes into config.json and
+    generation_config.json have one identity (their records are found on either); any other change is another."""
+    import json
+    import shutil
+
+    from pkt_bench.spec import folder_identity
+
+    def copy(name: str, edit) -> str:
+        folder = tmp_path / name / "model"
+        shutil.copytree(tiny_models["qwen2-student"], folder)
+        for file in ("config.json", "generation_config.json"):
+            path = folder / file
+            data = json.loads(path.read_text())
+            edit(file, data)
+            path.write_text(json.dumps(data, indent=3))  # another writer's layout too
+        return folder_identity(folder)
+
+    def version(new: str):
+        return lambda file, data: data.update(transformers_version=new)
+
+    original = copy("a", version("5.24.0"))
+    assert copy("b", version("5.19.0")) == original
+    assert copy("c", lambda file, data: data.pop("transformers_version")) == original
+    assert copy("d", lambda file, data: data.update(rope_theta=1.0) if file == "config.json" else None) != original
+    assert copy("e", lambda file, data: data.update(bos_token_id=7) if file != "config.json" else None) != original
+    folder = tmp_path / "a" / "model"
+    weights = bytearray((folder / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(weights))
+    assert folder_identity(folder) != original  # one weight byte
