@@ -26,6 +26,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Benchmark parametric knowledge transfer (PKT) methods from a teacher LLM to a student.")
 out = Console()
 
+AllowDirty = Annotated[bool, typer.Option("--allow-dirty", help="run from a pkt-bench checkout with uncommitted "
+                                          "changes, storing the diff beside the records (else refused)")]
 Plugins = Annotated[Optional[list[Path]], typer.Option("--plugin", help="a .py file that registers methods/tasks")]
 Results = Annotated[Path, typer.Option("--results", envvar="PKT_BENCH_RESULTS", help="folder of result records")]
 TASK_OPTION = "--task-option num_fewshot=0"
@@ -57,6 +59,14 @@ def method_options() -> str:
              if entry.config_fields()]
     return "Method options (-o KEY=VALUE; defaults and help: pkt-bench list methods --details):\n\n" + \
         "\n\n".join(lines)
+
+
+def _allow_dirty(allow: bool) -> None:
+    """`--allow-dirty`: for this process and the workers it starts (`runner.check_checkout`)."""
+    if allow:
+        from pkt_bench.runner import ALLOW_DIRTY
+
+        os.environ[ALLOW_DIRTY] = "1"
 
 
 def user_errors(command):
@@ -156,11 +166,13 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also show the libraries' log lines (vLLM, "
                                           "lm-eval, transformers); they always go to <results>/logs/")] = False,
     plugin: Plugins = None,
+    allow_dirty: AllowDirty = False,
 ):
     """Run one method end to end on each task and store one record per cell. With no flags: the offline probe."""
     from pkt_bench.evaluate import engine_args
 
     _load_plugins(plugin)
+    _allow_dirty(allow_dirty)
     if pair:
         if teacher or student:
             raise UserError("give either --pair or --teacher/--student, not both")
@@ -264,9 +276,11 @@ def sweep(
     max_parallel: MaxParallel = None,
     results: Results = Path("results"),
     plugin: Plugins = None,
+    allow_dirty: AllowDirty = False,
 ):
     """Run a grid of cells from a YAML file; rerunning it runs only the cells without a record."""
     _load_plugins(plugin)
+    _allow_dirty(allow_dirty)
     from pkt_bench.store import ResultStore
     from pkt_bench.sweep import Sweep, run_sweep
 
@@ -360,9 +374,11 @@ def report(
     plugin: Plugins = None,
     stored_only: Annotated[bool, typer.Option(help="run nothing: write the report from the records stored so far, "
                                                    "naming the cells still without one")] = False,
+    allow_dirty: AllowDirty = False,
 ):
     """Run or resume a sweep, then write a markdown report: tables with CIs, plots, the papers' claims checked."""
     _load_plugins(plugin)
+    _allow_dirty(allow_dirty)
     from pkt_bench.report import report_command, write_report
     from pkt_bench.store import ResultStore
     from pkt_bench.sweep import Sweep

@@ -36,21 +36,42 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def git_commit() -> str | None:
-    """HEAD of the pkt-bench checkout this code runs from (or the current folder's, if that is one), + '-dirty'."""
-    candidates = [Path(__file__).resolve().parent.parent, Path.cwd()]
-    for folder in candidates:
-        if not (folder / ".git").exists() or not (folder / "pkt_bench").is_dir():
-            continue
-        try:
-            head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  timeout=5, check=True).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            continue
-        return head + ("-dirty" if dirty else "")
+def checkout() -> Path | None:
+    """The git checkout this pkt-bench runs from (an editable install; else the current folder, if it is one of
+    pkt-bench), or None (an installed wheel)."""
+    for folder in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (folder / ".git").exists() and (folder / "pkt_bench").is_dir():
+            return folder
     return None
+
+
+def _git(folder: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+
+
+def git_commit() -> str | None:
+    """HEAD of the pkt-bench checkout this code runs from, + '-dirty' when tracked files have changes."""
+    folder = checkout()
+    if folder is None:
+        return None
+    try:
+        return _git(folder, "rev-parse", "HEAD").strip() + ("-dirty" if uncommitted(folder) else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def uncommitted(folder: Path) -> list[str]:
+    """Tracked files of the checkout with changes not committed (untracked files do not count)."""
+    try:
+        return [line[3:] for line in _git(folder, "status", "--porcelain", "--untracked-files=no").splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+def uncommitted_diff(folder: Path) -> str:
+    """`git diff HEAD` of the checkout: what a record made from it needs, beside its commit, to be rerun."""
+    return _git(folder, "diff", "--binary", "HEAD")
 
 
 def environment() -> dict[str, Any]:

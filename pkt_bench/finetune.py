@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -46,6 +46,7 @@ class TrainStats:
     last_loss: float
     autocast: str = "off"
     gradient_checkpointing: bool = False
+    losses: list[float] = field(default_factory=list)  # each optimizer step's mean loss per response token
 
 
 def encode(example: Example, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
@@ -194,4 +195,4 @@ def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: in
     model.eval()
     return TrainStats(examples_seen=len(rows) * budget.epochs, optimizer_steps=len(steps),
                       first_loss=losses[0], last_loss=losses[-1], autocast=autocast,
-                      gradient_checkpointing=budget.gradient_checkpointing)
+                      gradient_checkpointing=budget.gradient_checkpointing, losses=[round(x, 6) for x in losses])

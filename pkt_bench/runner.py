@@ -162,6 +162,7 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
     _quiet_libraries()
     cells = plan(spec)
     check_records(cells, store, force)
+    check_checkout()
     method, pair = cells[0].method, cells[0].pair
     log = store.root / "logs" / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     console.print(f"[bold]pkt-bench run[/]: method [cyan]{method.name}[/] on {', '.join(c.task_name for c in cells)}; "
@@ -170,6 +171,25 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
     console.print(f"  backend {cells[0].spec.backend}: {cells[0].backend_reason}")
     with library_logs(log, verbose):
         return _run_cells(cells, cells[0].spec, store, force, console)  # the spec with its backend resolved
+
+
+ALLOW_DIRTY = "PKT_BENCH_ALLOW_DIRTY"
+"""Set to 1 (`--allow-dirty` does) to run from a checkout with uncommitted changes; each record then points at
+the diff, stored beside the records."""
+
+
+def check_checkout() -> None:
+    """Refuse to run from a pkt-bench checkout whose tracked files have uncommitted changes: its records would name
+    a commit that did not make them. `--allow-dirty` runs anyway and stores the diff with the records."""
+    from pkt_bench.environment import checkout, uncommitted
+
+    folder = checkout()
+    changed = uncommitted(folder) if folder is not None else []
+    if changed and os.environ.get(ALLOW_DIRTY) != "1":
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise UserError(f"the pkt-bench checkout {folder} has uncommitted changes to {', '.join(changed[:3])}{more}; "
+                        f"a record made from them could not be rerun: commit them, or pass --allow-dirty to store "
+                        f"the diff beside each record")
 
 
 def _run_cells(cells: list[Cell], spec: RunSpec, store: ResultStore, force: bool,
@@ -242,6 +262,27 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
         shutil.rmtree(partial, ignore_errors=True)
     console.print(f"  wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return ctx.costs
+
+
+def _environment(store: ResultStore) -> dict[str, Any]:
+    """`environment()`, and where the commit is '-dirty', the uncommitted diff stored with the records."""
+    found = environment()
+    if (found.get("git_commit") or "").endswith("-dirty"):
+        from pkt_bench.environment import checkout, uncommitted_diff
+
+        found["git_diff"] = store.put_diff(uncommitted_diff(checkout()))
+    return found
+
+
+def made_by() -> str:
+    """The command that made a record: this process's own (`pkt-bench run ...`, `pkt-bench sweep FILE ...`), or the
+    sweep file a worker process was given (`PKT_BENCH_MADE_BY`, set by the sweep driver)."""
+    given = os.environ.get("PKT_BENCH_MADE_BY")
+    if given:
+        return given
+    import shlex
+
+    return shlex.join(["pkt-bench", *sys.argv[1:]])
 
 
 @contextmanager
@@ -350,7 +391,9 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
         "references": references,
         "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
         "stages": stages, "wall_s": round(time.perf_counter() - started, 3), "fine_tune": ctx.training,
-        "artifact": dataclasses.asdict(artifact), "environment": environment(),
+        "artifact": dataclasses.asdict(artifact), "environment": _environment(store),
+        "budget": dataclasses.asdict(cell.spec.budget) if cell.method.cls.fine_tunes else None,  # every field, as used
+        "made_by": made_by(),
         **({"vllm_args": cell.spec.vllm_args} if cell.spec.vllm_args else {}),  # every setting, neutral ones too
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

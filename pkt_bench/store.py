@@ -7,7 +7,9 @@ a half-written record and a crash leaves the previous record, if any, untouched.
 
 Record schema (version `SCHEMA_VERSION`): key, cell (what defines it), task_version, metrics, primary_metric,
 items (per-item outcomes), costs (examples seen, optimizer steps, ...), stages (wall time and peak memory),
-references (student/teacher scores on the same items), artifact, environment, created_at.
+references (student/teacher scores on the same items), artifact, environment (versions, hardware, git commit, and
+the diff of a `-dirty` one), budget (as used), fine_tune (per fine-tuning run: its stats and per-step losses),
+made_by (the command), created_at.
 """
 
 from __future__ import annotations
@@ -96,6 +98,22 @@ class ResultStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return target
+
+    def put_diff(self, diff: str) -> dict[str, str]:
+        """Store the uncommitted changes a record was made with, once per content, as `diffs/<sha256>.diff`
+        (atomic, like records); returns what the record says of it."""
+        import hashlib
+
+        digest = hashlib.sha256(diff.encode()).hexdigest()
+        folder = self.root / "diffs"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{digest[:20]}.diff"
+        if not target.exists():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest[:20]}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(diff)
+            os.replace(tmp, target)
+        return {"sha256": digest, "file": target.relative_to(self.root).as_posix()}
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every readable record of a known schema; others are reported and skipped, never changed."""

@@ -312,6 +312,9 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
                   + (f" × {max_parallel}" if max_parallel else "") + f"; results in {store.root}")
     if not todo:
         return outcome
+    from pkt_bench.runner import check_checkout
+
+    check_checkout()  # once here, before any worker starts
     results = str(store.root.resolve())
     plugins = tuple(str(Path(p).resolve()) for p in plugins)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -340,9 +343,20 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
         sequential = executor == "local" and not max_parallel
         phases = [todo] if sequential else [[c for c in todo if _is_reference(c)],
                                              [c for c in todo if not _is_reference(c)]]
-        for phase in phases:
-            if phase:
-                execute(phase, results, plugins, max_parallel, done)
+        from pkt_bench.runner import made_by
+
+        # every record names the driver's command, whichever process (here, spawned, a Ray worker) makes it
+        previous = os.environ.get("PKT_BENCH_MADE_BY")
+        os.environ["PKT_BENCH_MADE_BY"] = made_by()
+        try:
+            for phase in phases:
+                if phase:
+                    execute(phase, results, plugins, max_parallel, done)
+        finally:
+            if previous is None:
+                os.environ.pop("PKT_BENCH_MADE_BY", None)
+            else:
+                os.environ["PKT_BENCH_MADE_BY"] = previous
     failed = f", [red]{len(outcome.failed)} failed[/]" if outcome.failed else ""
     console.print(f"sweep done: {outcome.ran} cells run, {outcome.stored_before} were stored{failed}")
     return outcome
