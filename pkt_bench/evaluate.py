@@ -15,10 +15,13 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pkt_bench.api import Artifact, Generator, UserError
 from pkt_bench.stages import release_memory
+
+if TYPE_CHECKING:
+    from pkt_bench.models import ModelRef
 
 BACKENDS = ("auto", "hf", "vllm", "vllm-lora")
 """`auto` (the default) is resolved once per run by `resolve_backend`: vLLM where it is installed and serves the
@@ -112,6 +115,12 @@ class VLLMTarget:
                 for name, value in self.engine_settings.items():
                     os.environ.setdefault(name, value)  # a user's own setting wins
                 self.engine_settings = {name: os.environ[name] for name in self.engine_settings}  # what it got
+                import torch
+
+                # the in-process engine computes on torch's threads: one per core this process may use (torch's
+                # own setter, which vLLM's CPU worker replaces in-process once an engine has started)
+                torch._C.set_num_threads(len(os.sched_getaffinity(0)))
+                self.engine_settings["torch_threads"] = str(torch.get_num_threads())
                 defaults = dict(CPU_ENGINE_ARGS)
             VLLM = _lm_eval_vllm_class()
 
@@ -171,10 +180,10 @@ KV_TOKENS_PER_ROW = 4096
 def vllm_cpu_settings(model_folder: str, batch_size: int, cpus: list[int] | None = None) -> dict[str, str]:
     """vLLM's CPU backend settings for this machine and model (environment variables, as vLLM reads them).
 
-    - `VLLM_CPU_OMP_THREADS_BIND`: every core this process may use. Left on "auto", vLLM keeps one core back
-      for a serving front end, which leaves a 2-core machine generating on one thread; the engine runs in
-      this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so there is no front end to keep it for.
-    - `VLLM_CPU_NUM_OF_RESERVED_CPU`: 0, for the same reason.
+    - `VLLM_CPU_OMP_THREADS_BIND`: every core this process may use, and `VLLM_CPU_NUM_OF_RESERVED_CPU`: 0. vLLM
+      applies these only where it starts its engine in worker processes (`VLLM_ENABLE_V1_MULTIPROCESSING=1`, a
+      user's choice); left on "auto" it keeps one core back for a front end. pkt-bench runs the engine in this
+      process, where vLLM computes on torch's own threads: `VLLMTarget` sets those to the same cores.
     - `VLLM_CPU_KVCACHE_SPACE` (GiB): what a full batch needs, `batch_size` rows of `KV_TOKENS_PER_ROW` tokens
       of keys and values in every layer (in 16 bits), instead of a fixed default sized for serving many users.
     """
@@ -184,8 +193,7 @@ def vllm_cpu_settings(model_folder: str, batch_size: int, cpus: list[int] | None
     cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
     config = json.loads((Path(model_folder) / "config.json").read_text())
     config = config.get("text_config", config)
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    heads, head_dim = config["num_attention_heads"], head_size(config)
     per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 2  # K and V
     gib = max(1, math.ceil(batch_size * KV_TOKENS_PER_ROW * per_token / 2**30))
     return {"VLLM_CPU_OMP_THREADS_BIND": _ranges(cpus), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -214,7 +222,9 @@ def _lm_eval_vllm_class():
     # vLLM's log lines go where pkt-bench sends the libraries' (`runner.library_logs`), never straight to the
     # terminal: no handler of its own (which would print to stdout), none of Python's last resort either
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    logging.getLogger("vllm").addHandler(logging.NullHandler())
+    vllm_logger = logging.getLogger("vllm")
+    if not any(isinstance(handler, logging.NullHandler) for handler in vllm_logger.handlers):
+        vllm_logger.addHandler(logging.NullHandler())
     real_version = importlib.metadata.version
 
     def version(name: str) -> str:
@@ -279,58 +289,41 @@ def resolve_backend(backend: str, pair) -> tuple[str, str]:
 
     if importlib.util.find_spec("vllm") is None:
         return "hf", f"vLLM is not installed ({VLLM_INSTALL})"
-    why_not = _vllm_cannot_serve((pair.teacher.path, pair.student.path), pair.device)
+    why_not = _vllm_cannot_serve((pair.teacher, pair.student), pair.device)
     if why_not:
         return "hf", why_not
-    return "vllm", f"vLLM {_vllm_version()} is installed and serves both models"
+    from pkt_bench.environment import versions
+
+    found = versions()
+    return "vllm", f"vLLM {found['vllm'] or found['vllm-cpu'] + ' (vllm-cpu)'} is installed and serves both models"
+
+
+def head_size(config: dict[str, Any]) -> int:
+    """A (text) model config's attention head size."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
 @functools.cache
-def _vllm_cannot_serve(folders: tuple[str, ...], device: str) -> str | None:
-    """Why vLLM cannot serve one of these model folders (hub ids: their config from the hub), or None."""
-    import json
+def _vllm_cannot_serve(models: tuple[ModelRef, ...], device: str) -> str | None:
+    """Why vLLM cannot serve one of these models, or None."""
+    from pkt_bench.models import model_config
 
     _lm_eval_vllm_class()  # vLLM's import, with the fixes it needs here
     from vllm import ModelRegistry
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     supported = set(ModelRegistry.get_supported_archs())
-    for folder in folders:
-        local = Path(folder) / "config.json"
-        if local.is_file():
-            config = json.loads(local.read_text())
-        else:
-            from transformers import AutoConfig
-
-            try:
-                config = AutoConfig.from_pretrained(folder).to_dict()
-            except (OSError, ValueError) as error:
-                return f"the config of {folder} cannot be read ({str(error).splitlines()[0]})"
+    for model in models:
+        config = model_config(model)
         config = config.get("text_config", config)
         missing = [arch for arch in config.get("architectures") or [] if arch not in supported]
         if missing or not config.get("architectures"):
-            return f"vLLM has no model class for {Path(folder).name} ({', '.join(missing) or 'no architectures'})"
-        heads = config.get("num_attention_heads")
-        head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads else None)
-        if device.startswith("cpu") and head_dim not in CPU_HEAD_SIZES:
-            return (f"vLLM's CPU attention has no kernel for head size {head_dim} ({Path(folder).name}; it has "
-                    f"{', '.join(map(str, CPU_HEAD_SIZES))})")
+            return f"vLLM has no model class for {model.name} ({', '.join(missing) or 'no architectures'})"
+        kernels = CPUAttentionBackend.get_supported_head_sizes()
+        if device.startswith("cpu") and head_size(config) not in kernels:
+            return (f"vLLM's CPU attention has no kernel for head size {head_size(config)} ({model.name}; it has "
+                    f"{', '.join(map(str, kernels))})")
     return None
-
-
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-"""Head sizes vLLM's CPU attention kernel serves (vllm-cpu 0.32's `CPUAttentionBackend.get_supported_head_sizes`);
-a model with another fails at engine start."""
-
-
-def _vllm_version() -> str:
-    import importlib.metadata
-
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            return f"{importlib.metadata.version(name)}" + (" (vllm-cpu)" if name == "vllm-cpu" else "")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "?"
 
 
 def make_target(artifact: Artifact, backend: str, device: str, dtype: str, batch_size: int = 16,

@@ -82,7 +82,7 @@ def lineage(ref: ModelRef) -> dict[str, Any] | None:
         raise UserError(f"{path} is not valid JSON ({error}); fix or remove it") from None
 
 
-def _config(ref: ModelRef) -> dict[str, Any]:
+def model_config(ref: ModelRef) -> dict[str, Any]:
     local = Path(ref.path) / "config.json"
     if local.is_file():
         try:
@@ -112,7 +112,7 @@ def _vocab(ref: ModelRef) -> dict[str, int]:
 def check_family(teacher: ModelRef, student: ModelRef) -> None:
     """Transfer needs one family: the same architecture type and the same vocabulary. A pair that passes is not
     checked again in this process (a sweep plans many cells of one pair; each check loads both tokenizers)."""
-    t_type, s_type = _config(teacher).get("model_type"), _config(student).get("model_type")
+    t_type, s_type = model_config(teacher).get("model_type"), model_config(student).get("model_type")
     if t_type != s_type:
         raise UserError(f"teacher {teacher.name!r} ({t_type}) and student {student.name!r} ({s_type}) are of "
                         f"different families; pick a teacher and a student of one model type")
@@ -151,7 +151,7 @@ def pick_dtype(dtype: str, device: str) -> str:
 
 def context_length(ref: ModelRef) -> int | None:
     """The most tokens the model's positions cover (`max_position_embeddings`), when its config says."""
-    value = _config(ref).get("max_position_embeddings")
+    value = model_config(ref).get("max_position_embeddings")
     return value if isinstance(value, int) else None
 
 

