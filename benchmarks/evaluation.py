@@ -1,7 +1,7 @@
 """The evaluation stage on HF against vLLM, on the real pair, through `pkt-bench run` itself; then one lora cell.
 
     python benchmarks/evaluation.py --teacher DIR --student DIR [--data-dir DIR] [--results DIR] [--dtype float32]
-        [--models student,teacher] [--tasks gsm8k-0shot,humaneval] [--lora]
+        [--models student,teacher] [--tasks gsm8k-0shot,humaneval] [--eval-batch-size 16] [--lora]
 
 For each model (the student's and the teacher's reference cells) and task (GSM8K 0-shot, first 100 items; HumanEval,
 all 164; both with the chat template), `pkt-bench run --method student|teacher --backend hf` and `--backend vllm`
@@ -31,6 +31,7 @@ LORA_CELL = Path(__file__).with_name("lora-gsm8k-cell.yaml")
 def run(args: argparse.Namespace, method: str, task: str, backend: str, extra: list[str] = ()) -> dict:
     command = [sys.executable, "-m", "pkt_bench", "run", "--method", method, "--teacher", args.teacher,
                "--student", args.student, "--task", task, "--backend", backend, "--dtype", args.dtype,
+               "--eval-batch-size", str(args.eval_batch_size),
                "--device", "cpu", "-T", "chat_template=true", "--no-references", "--results", args.results,
                *TASKS[task], *extra]
     if args.data_dir:
@@ -40,8 +41,9 @@ def run(args: argparse.Namespace, method: str, task: str, backend: str, extra: l
     if out.returncode:
         sys.exit(f"failed:\n{out.stderr[-3000:]}")
     records = [json.loads(p.read_text()) for p in (Path(args.results) / "records").glob("*.json")]
-    mine = [r for r in records if (r["method"], r["task"], r["cell"]["backend"], r["cell"]["dtype"]) ==
-            (method, task, backend, args.dtype)]
+    mine = [r for r in records if (r["method"], r["task"], r["cell"]["backend"], r["cell"]["dtype"],
+                                   r["cell"]["eval_batch_size"]) ==
+            (method, task, backend, args.dtype, args.eval_batch_size)]
     return max(mine, key=lambda r: r["created_at"])
 
 
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--models", default="student,teacher")
     parser.add_argument("--tasks", default="gsm8k-0shot,humaneval")
+    parser.add_argument("--eval-batch-size", type=int, default=16,
+                        help="rows per HF batch; rows kept in flight on vLLM (its max_num_seqs)")
     parser.add_argument("--lora", action="store_true", help="also one lora GSM8K 0-shot cell on vLLM, by stage")
     args = parser.parse_args()
 
