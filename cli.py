@@ -37,6 +37,9 @@ TaskOptions = Annotated[Optional[list[str]], typer.Option(
 TransferFormat = Annotated[Optional[str], typer.Option(
     help="text the methods train on: auto (paper for the benchmark tasks, task for the probe), paper "
          "(<|user|>/<|assistant|> as upstream), task (the task's prompt format) or chat_template (the tokenizer's)")]
+TransferData = Annotated[Optional[str], typer.Option(
+    help="whose answers the fine-tuning methods train on: gold (the task's, default), teacher or self (the "
+         "teacher's or the student's own answers that the task's scorer marks correct)")]
 AllowCode = Annotated[bool, typer.Option("--allow-code-execution", help="let code tasks (humaneval, mbpp) run "
                                          "model-written programs, each in its own sandboxed process")]
 
@@ -143,6 +146,7 @@ def run(
     budget: Annotated[Optional[str], typer.Option(help="budget preset setting every budget field: seeking or laten "
                                                        "(the papers' recipes); the budget flags above override it")] = None,
     transfer_format: TransferFormat = None,
+    transfer_data: TransferData = None,
     data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,
     backend: Annotated[Optional[str], typer.Option(help="generation backend: auto (default, or "
                                                    "$PKT_BENCH_BACKEND: vllm where installed and serving the pair, else "
@@ -183,7 +187,7 @@ def run(
     spec = _flag_errors(
         spec, method=method, teacher=teacher, student=student, tasks=_names(task), seed=seed, data_dir=data_dir, backend=backend,
         dtype=dtype, device=device, limit=limit, references=references, eval_batch_size=eval_batch_size,
-        budget=budget, transfer_format=transfer_format,
+        budget=budget, transfer_format=transfer_format, transfer_data=transfer_data,
         allow_code_execution=allow_code_execution or None, fit_context=fit_context or None,
         vllm_args={**spec.vllm_args, **engine_args(_options(vllm_arg, "--vllm-arg max_model_len=4096"))}
         if vllm_arg else None,
@@ -277,6 +281,8 @@ def sweep(
     results: Results = Path("results"),
     plugin: Plugins = None,
     allow_dirty: AllowDirty = False,
+    only: Annotated[Optional[list[str]], typer.Option(help="run only this method's cells (and their tasks' "
+                                                           "reference cells); repeatable")] = None,
 ):
     """Run a grid of cells from a YAML file; rerunning it runs only the cells without a record."""
     _load_plugins(plugin)
@@ -285,7 +291,7 @@ def sweep(
     from pkt_bench.sweep import Sweep, run_sweep
 
     outcome = run_sweep(Sweep.load(config), ResultStore(results), executor=executor, max_parallel=max_parallel,
-                        plugins=tuple(str(p) for p in plugin or ()))
+                        plugins=tuple(str(p) for p in plugin or ()), only=tuple(only or ()))
     if outcome.failed:
         raise typer.Exit(1)
 

@@ -18,6 +18,7 @@ from pkt_bench.api import Artifact, Example, TransferContext, UserError
 from pkt_bench.formats import answer_stops
 from pkt_bench.methods.lora import LoRA, LoRAConfig
 from pkt_bench.registry import register_method
+from pkt_bench.transferdata import record
 
 GENERATIONS = "generations.jsonl"
 
@@ -36,6 +37,7 @@ class Distill:
     reference = "https://arxiv.org/abs/1606.07947"
     Config = DistillConfig
     fine_tunes = True
+    makes_train_data = True  # its answers are the teacher's to the budget's prompts: --transfer-data does not apply
 
     def __init__(self, config: DistillConfig):
         self.config = config
@@ -60,6 +62,8 @@ class Distill:
         data = [Example(e.prompt, answer, e.id) for e, answer in zip(train, answers)
                 if not c.filter_correct or ctx.task.check(e, answer)]
         ctx.costs["teacher_answers"], ctx.costs["teacher_answers_kept"] = len(train), len(data)
+        ctx.data = {**record("teacher", data, tried=len(train), model=ctx.pair.teacher.identity),
+                    "by": "distill", "filter_correct": c.filter_correct}
         if not data:
             raise UserError("no teacher answer passed the correctness filter; drop -o filter_correct=true")
         lora = LoRA(c)

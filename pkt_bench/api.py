@@ -31,6 +31,11 @@ if TYPE_CHECKING:
     from pkt_bench.stages import StageMeter
 
 ROLES = ("seed", "align", "train")
+VALIDATION_LOSS_EXAMPLES = 32
+"""Validation examples (gold answers) whose loss each fine-tune records before and after training."""
+SOURCES = ("gold", "teacher", "self")
+"""Where the train role's answers come from (`--transfer-data`, `pkt_bench.transferdata`): the task's own (gold),
+the teacher's or the student's own answers that the task's scorer marks correct."""
 
 
 class UserError(Exception):
@@ -44,12 +49,18 @@ class Example:
     `chat` is the example as one (user, assistant) exchange, for a task whose chat protocol asks for another answer
     form than its plain prompt does (the code tasks: the program in a Python block, as their chat evaluations
     write it); the transfer formats that write a chat use it (`pkt_bench.formats`). None: the prompt and response
-    are the exchange."""
+    are the exchange.
+
+    `doc` is the task document the example was made from, in the schema of the task's test documents: a task whose
+    chat evaluation is an lm-eval config renders it with that config (`chat_context`), so that a transfer prompt
+    in the chat format is exactly what the evaluation would send for it; tasks that run code also judge generated
+    answers with it (`check_all`)."""
 
     prompt: str
     response: str
     id: str = ""
     chat: tuple[str, str] | None = None
+    doc: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,9 @@ class Task(Protocol):
     it is part of the key of every record and cached extraction that reads them. A task may also define
     `check_pair(pair)`, raising `UserError` before anything runs if it cannot evaluate that pair;
     `generation = {"max_new_tokens": N, "stop": [...]}`, how a model answers its transfer prompts (used by
-    distillation); and, with gold answers, `check(example, completion) -> bool` for a transfer example.
+    distillation); with gold answers, `check(example, completion) -> bool` for a transfer example (or
+    `check_all(examples, completions) -> list[bool]`, judged in one batch: the code tasks run them); and
+    `validation_data()`, examples disjoint from every role and from the test items, for model selection.
     The name is the one given at registration (`@register_task("name")`).
     """
 
@@ -166,7 +179,9 @@ class TransferContext:
     cache_dir: Path | None = None
     backend: str = "hf"
     transfer_format: str = "task"  # resolved (pkt_bench.formats): how `examples` writes the task's examples out
+    transfer_data: str = "gold"  # SOURCES: whose answers the train role holds (pkt_bench.transferdata)
     training: list[dict[str, Any]] = field(default_factory=list)  # each fine-tuning run's stats, for the record
+    data: dict[str, Any] = field(default_factory=dict)  # what the train role held (source, counts, hash), for the record
 
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time a stage ("extract", "fine-tune", ...) with its peak memory; the rest counts as "transfer"."""
@@ -174,8 +189,20 @@ class TransferContext:
 
     def examples(self, role: str, n: int | None = None, seed: int | None = None) -> list[Example]:
         """`n` examples of `role` (all when None), a sample fixed by `seed` (default: the run's seed), written in
-        the run's transfer format."""
+        the run's transfer format. With `transfer_data` other than gold, the train role is the `n` generated
+        examples (`pkt_bench.transferdata`), the same for every seed and method."""
         from pkt_bench.data import sample
+        from pkt_bench.transferdata import generated, record
+
+        if role == "train" and self.transfer_data != "gold":
+            return generated(self, self.transfer_data, n if n is not None else self.budget.examples)
+        chosen = self.render(sample(self.task.transfer_data(role), n, self.seed if seed is None else seed))
+        if role == "train":
+            self.data = record("gold", chosen, tried=len(chosen))
+        return chosen
+
+    def render(self, examples: Sequence[Example]) -> list[Example]:
+        """`examples` written in the run's transfer format (`pkt_bench.formats.render`)."""
         from pkt_bench.formats import render
 
         tokenizer = None
@@ -183,8 +210,7 @@ class TransferContext:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(self.pair.student.path)
-        chosen = sample(self.task.transfer_data(role), n, self.seed if seed is None else seed)
-        return [render(example, self.transfer_format, tokenizer) for example in chosen]
+        return [render(example, self.transfer_format, tokenizer, self.task) for example in examples]
 
     def cached(self, kind: str, identity: dict[str, Any], build: Callable[[Path], None]) -> Path:
         """The folder `build(folder)` fills, built once per content hash and reused afterwards.
@@ -211,8 +237,10 @@ class TransferContext:
 
         if examples is None:
             examples = self.examples("train", self.budget.examples)
+        validation = self.render(getattr(self.task, "validation_data", list)()[:VALIDATION_LOSS_EXAMPLES])
         with self.stage("fine-tune"):
-            stats = finetune(model, tokenizer, examples[: self.budget.examples], self.budget, self.seed, objective)
+            stats = finetune(model, tokenizer, examples[: self.budget.examples], self.budget, self.seed, objective,
+                             validation)
         self.costs["examples_seen"] = self.costs.get("examples_seen", 0) + stats.examples_seen
         self.costs["optimizer_steps"] = self.costs.get("optimizer_steps", 0) + stats.optimizer_steps
         self.training.append(dataclasses.asdict(stats))

@@ -47,6 +47,9 @@ class TrainStats:
     autocast: str = "off"
     gradient_checkpointing: bool = False
     losses: list[float] = field(default_factory=list)  # each optimizer step's mean loss per response token
+    validation_loss_before: float | None = None  # mean cross-entropy per response token on validation examples
+    validation_loss_after: float | None = None
+    validation_examples: int = 0
 
 
 def encode(example: Example, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
@@ -146,14 +149,36 @@ def micro_batches(rows: list[tuple[list[int], list[int]]], budget: Budget, seed:
     return batches
 
 
+def validation_loss(model, tokenizer, examples: list[Example], budget: Budget) -> float | None:
+    """Mean cross-entropy per response token of `examples` (micro-batches of the budget's size, no gradient);
+    None without examples."""
+    if not examples:
+        return None
+    device = next(model.parameters()).device
+    rows = sorted((encode(example, tokenizer, budget.max_length) for example in examples), key=lambda r: len(r[0]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), budget.batch_size):
+            batch = rows[start : start + budget.batch_size]
+            total += response_ce(model, _collate(batch, pad_id, device)).item()
+            tokens += sum(sum(label != -100 for label in labels[1:]) for _, labels in batch)
+    model.train(was_training)
+    return round(total / max(tokens, 1), 6)
+
+
 def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: int,
-             objective: Objective | None = None) -> TrainStats:
+             objective: Objective | None = None, validation: list[Example] | None = None) -> TrainStats:
     """Train the trainable parameters of `model` on `examples` under `budget`; `objective` replaces the default
-    response cross-entropy (`response_ce`)."""
+    response cross-entropy (`response_ce`). The response cross-entropy of `validation` examples is measured
+    before and after training."""
     assert examples, "the task handed out no train examples"
     objective = objective or response_ce
     torch.manual_seed(seed)
     device = next(model.parameters()).device
+    before = validation_loss(model, tokenizer, validation or [], budget)
     rows = [encode(example, tokenizer, budget.max_length) for example in examples]
     batches = micro_batches(rows, budget, seed)
     steps = [batches[i : i + budget.grad_accum] for i in range(0, len(batches), budget.grad_accum)]
@@ -195,4 +220,7 @@ def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: in
     model.eval()
     return TrainStats(examples_seen=len(rows) * budget.epochs, optimizer_steps=len(steps),
                       first_loss=losses[0], last_loss=losses[-1], autocast=autocast,
-                      gradient_checkpointing=budget.gradient_checkpointing, losses=[round(x, 6) for x in losses])
+                      gradient_checkpointing=budget.gradient_checkpointing, losses=[round(x, 6) for x in losses],
+                      validation_loss_before=before,
+                      validation_loss_after=validation_loss(model, tokenizer, validation or [], budget),
+                      validation_examples=len(validation or []))

@@ -46,7 +46,9 @@ def identity(name: str, task: Any) -> dict[str, str]:
     """What the transfer text of a cell depends on besides the data: the resolved format and the task's
     `transfer_version`, which is left out at "1" so that keys made before it existed stay valid."""
     version = getattr(task, "transfer_version", "1")
-    return {"transfer_format": name, **({"transfer_version": version} if version != "1" else {})}
+    parity = name == "chat_template" and hasattr(task, "chat_context")  # prompts rendered as the evaluation's
+    return {"transfer_format": name, **({"transfer_version": version} if version != "1" else {}),
+            **({"transfer_prompts": "evaluation"} if parity else {})}
 
 
 def check(name: str, tokenizer: Any) -> None:
@@ -66,14 +68,27 @@ def answer_stops(name: str, task_stops: Sequence[str]) -> list[str]:
     return [USER.strip()] if name == "paper" else []
 
 
-def render(example: Example, name: str, tokenizer: Any = None) -> Example:
-    """`example` written in the resolved format `name`; the id is kept. The chat formats write its `chat`
-    exchange where it has one."""
+def render(example: Example, name: str, tokenizer: Any = None, task: Any = None) -> Example:
+    """`example` written in the resolved format `name`; the id and document are kept. The chat formats write its
+    `chat` exchange where it has one. In `chat_template`, an example with its document (`Example.doc`) of a task
+    with a chat evaluation (`task.chat_context`) gets the prompt that evaluation sends for that document (system
+    turn, user turn, and the opening of the answer it writes for the model), and the rest of the answer as its
+    response: training and evaluation prompts are then the same text. Without, one user turn."""
     if name == "task":
         return example
     user, assistant = (example.chat or (example.prompt, example.response))
     if name == "paper":
         prompt, response = f"{USER}{user.strip()}\n\n{ASSISTANT}", f"{assistant.strip()}\n\n"
+    elif example.doc is not None and hasattr(task, "chat_context"):
+        prompt, opening, answer = task.chat_context(example.doc, tokenizer), task.chat_prefix(example.doc), assistant.strip()
+        # the prompt ends with the opening as the template wrote it (transformers may strip its whitespace)
+        written = next((v for v in (opening, opening.rstrip(), opening.strip()) if prompt.endswith(v)), None)
+        if not opening:
+            response = answer
+        elif written is not None and answer.startswith(written.lstrip()):  # the answer as the chat writes it
+            response = answer[len(written.lstrip()):]
+        else:  # an answer that goes on after the opening (mmlu's letter after "The answer is:")
+            response = answer if example.chat else example.response
     else:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": user.strip()}], tokenize=False,
                                                add_generation_prompt=True)

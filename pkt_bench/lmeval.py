@@ -31,6 +31,9 @@ from typing import Any, ClassVar
 from pkt_bench.api import ROLES, EvalResult, EvalTarget, Example, UserError
 from pkt_bench import taskdata
 
+VALIDATION_SIZE = 100
+"""Examples of a task's validation split (model selection, the validation loss of each fine-tune)."""
+
 
 @dataclass(frozen=True)
 class TaskOptions:
@@ -185,7 +188,7 @@ class LmEvalTask:
 
     def _sample_roles(self) -> dict[str, list[Example]]:
         """Disjoint role samples from the train split, fixed (seed 0) so that every run sees the same ones;
-        train documents that repeat a test item are left out first."""
+        train documents that repeat a test item are left out first. What no role takes is `validation`."""
         pool = self.transfer_pool()
         leaked = set(self.leaked(pool))
         kept = [example for example in pool if example not in leaked]
@@ -194,7 +197,18 @@ class LmEvalTask:
         for role in ROLES:
             roles[role] = kept[start : start + self.transfer_sizes[role]]
             start += self.transfer_sizes[role]
+        roles["validation"] = kept[start : start + VALIDATION_SIZE]
         return roles
+
+    def validation_data(self) -> list[Example]:
+        """Examples for model selection, disjoint from every role and from the test items: the next
+        `VALIDATION_SIZE` of the shuffled train split after the roles' (tasks whose train split the roles use
+        up define their own). None from a LaTen transfer folder, which has no such split."""
+        if self.config.transfer_dir:
+            return []
+        if self._transfer is None:
+            self._transfer = self._sample_roles()
+        return self._transfer["validation"]
 
     def _from_transfer_dir(self, role: str) -> list[Example]:
         pairs = taskdata.laten_pairs(self.config.transfer_dir, self.laten_name, role)
@@ -274,22 +288,63 @@ class LmEvalTask:
                             f"number (n for pass@k)")
         return samples
 
-    def _run(self, lm, limit: int | None, *, backend: str, repeats: int | None = None) -> EvalResult:
-        from lm_eval import evaluator
+    def _load(self, chat: bool, settings: dict[str, Any]) -> tuple[dict[str, Any], str, Any]:
+        """lm-eval's task object of this task's YAML (its `_chat` variant with `chat`), `settings` applied:
+        (what `TaskManager.load` returned, the task's name, the task)."""
         from lm_eval.tasks import TaskManager
 
         _quiet_lm_eval()
-        name = self.lm_eval_task + ("_chat" if self.config.chat_template else "")
+        name = self.lm_eval_task + ("_chat" if chat else "")
         folder = Path(sys.modules[type(self).__module__].__file__).parent
         manager = TaskManager(include_path=str(folder), include_defaults=False,
                               metadata={"data_dir": self.data_dir, **self.dataset_options()})
         loaded = manager.load([name])
         task = loaded["tasks"][name]
+        for key, value in settings.items():
+            task.set_config(key=key, value=value, update=isinstance(value, dict))
+        return loaded, name, task
+
+    @functools.cached_property
+    def _chat_task(self):
+        """The chat variant's lm-eval task with this task's settings: what transfer prompts in the chat format
+        are rendered by."""
+        return self._load(True, self.runtime_config())[2]
+
+    def chat_context(self, doc: dict[str, Any], tokenizer: Any) -> str:
+        """The prompt the chat evaluation (`-T chat_template=true`) sends for `doc`: lm-eval's own rendering
+        (system turn from the description, its few-shot exemplars where it uses them, the user turn, and the
+        config's `gen_prefix` opening the answer), through the chat-template call of lm-eval's HF model. Transfer
+        prompts in the `chat_template` format are this, so training and evaluation prompts are written alike."""
+        from types import SimpleNamespace
+
+        from lm_eval.models.huggingface import HFLM
+
+        task = self._chat_task
+        lm = SimpleNamespace(tokenizer=tokenizer, chat_template_args={})
+        return task.fewshot_context(doc, task.config.num_fewshot or 0, apply_chat_template=True,
+                                    chat_template=lambda history, **kw: HFLM.apply_chat_template(lm, history, **kw),
+                                    gen_prefix=task.doc_to_prefix(doc))
+
+    @property
+    def chat_generation(self) -> dict[str, Any] | None:
+        """How the chat evaluation generates ({"max_new_tokens", "stop"}), None for a task scored without
+        generating (mmlu)."""
+        kwargs = self._chat_task.config.generation_kwargs
+        if self._chat_task.config.output_type != "generate_until" or not kwargs:
+            return None
+        return {"max_new_tokens": kwargs.get("max_gen_toks", 256), "stop": list(kwargs.get("until") or [])}
+
+    def chat_prefix(self, doc: dict[str, Any]) -> str:
+        """The opening of the answer that the chat evaluation writes for the model (its `gen_prefix`), or ""."""
+        return self._chat_task.doc_to_prefix(doc) or ""
+
+    def _run(self, lm, limit: int | None, *, backend: str, repeats: int | None = None) -> EvalResult:
+        from lm_eval import evaluator
+
         settings = self.runtime_config()
         if repeats is not None:
             settings["repeats"] = repeats
-        for key, value in settings.items():
-            task.set_config(key=key, value=value, update=isinstance(value, dict))
+        loaded, name, task = self._load(self.config.chat_template, settings)
         fitted = _fit_generation(task, lm)
         chosen, how = self.select(limit)
         results = evaluator.evaluate(
@@ -337,6 +392,19 @@ class CodeTask(LmEvalTask):
 
     Config = SamplingOptions
     executes_code = True
+
+    def check_all(self, examples: list[Example], completions: list[str]) -> list[bool]:
+        """Whether each completion of a transfer prompt passes its example's tests, all run in one sandboxed
+        batch (the program in a Python block where the completion writes one: `transferdata.code_of`)."""
+        from pkt_bench.sandbox import run_programs
+        from pkt_bench.transferdata import code_of
+
+        programs = [self.transfer_program(e.doc, code_of(c)) for e, c in zip(examples, completions)]
+        return [result.passed for result in run_programs(programs, timeout_s=CODE_TIMEOUT_S)]
+
+    def transfer_program(self, doc: dict[str, Any], completion: str) -> str:
+        """The check program of a transfer example's document (default: the task's own, `utils.program`)."""
+        return self.utils.program(doc, completion)
 
     def runtime_config(self) -> dict[str, Any]:
         options = self.config

@@ -84,6 +84,9 @@ class Cell:
             from pkt_bench.formats import identity
 
             cell.update(identity(self.transfer_format, self.task))
+        if self.method.cls.fine_tunes and self.spec.transfer_data != "gold":  # absent for gold: older keys hold
+            # (a method that writes its own answers, distill, is refused anything else in plan())
+            cell["transfer_data"] = self.spec.transfer_data
         return cell
 
     @property
@@ -123,6 +126,15 @@ def plan(spec: RunSpec) -> list[Cell]:
     from pkt_bench.formats import resolve
 
     _check_format({resolve(spec.transfer_format, task) for _, task in tasks}, pair)
+    if spec.transfer_data != "gold" and method.cls.fine_tunes:
+        if getattr(method.cls, "makes_train_data", False):
+            raise UserError(f"method {method.name!r} writes its own training answers, so --transfer-data "
+                            f"{spec.transfer_data} does not apply to it; use --transfer-data gold (or lora with "
+                            f"--transfer-data teacher for the teacher's correct answers)")
+        from pkt_bench.transferdata import check_source
+
+        for task_name, task in tasks:
+            check_source(spec.transfer_data, task, task_name)
     backend, backend_reason = resolve_backend(spec.backend, pair)  # after every other check: it may import vLLM
     if spec.backend == "auto":
         check_backend(backend, spec.vllm_args)  # engine settings, now that auto has picked
@@ -363,7 +375,8 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
     """Transfer, evaluate and store one cell, measuring its stages with `meter`."""
     ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.seed, workdir, meter,
                           task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
-                          backend=cell.spec.backend, transfer_format=cell.transfer_format)
+                          backend=cell.spec.backend, transfer_format=cell.transfer_format,
+                          transfer_data=cell.spec.transfer_data if cell.method.cls.fine_tunes else "gold")
     started = time.perf_counter()
     with meter.stage("transfer"):
         artifact = cell.method.cls(cell.config).transfer(ctx)
@@ -386,6 +399,7 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
         "method": cell.method.name, "task": cell.task_name, "seed": cell.seed,
         "teacher": cell.pair.teacher.name, "student": cell.pair.student.name,
         "transfer_format": cell.transfer_format if getattr(cell.method.cls, "uses_transfer_data", True) else None,
+        "transfer_data": ctx.data or None,  # the train role the fine-tune read: source, counts, hash
         "metrics": result.metrics, "primary_metric": result.primary_metric, "items": result.items,
         "evaluation": {**result.details, "backend_choice": cell.backend_reason},
         "references": references,

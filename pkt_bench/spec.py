@@ -129,6 +129,7 @@ class RunSpec:
     fit_context: bool = False  # let a generation task run on a pair whose context cannot hold its protocol
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine settings (max_model_len, ...)
     transfer_format: str = "auto"
+    transfer_data: str = "gold"  # whose answers the fine-tuning methods train on (pkt_bench.transferdata)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
@@ -167,7 +168,7 @@ class RunSpec:
             "method": str, "teacher": str, "student": str, "backend": str, "dtype": str, "device": str,
             "seed": int, "method_config": dict, "tasks": list, "references": bool, "task_options": dict,
             "allow_code_execution": bool, "eval_batch_size": int, "fit_context": bool,
-            "vllm_args": dict, "transfer_format": str,
+            "vllm_args": dict, "transfer_format": str, "transfer_data": str,
         }
         for key, kind in expected.items():
             value = getattr(self, key)
@@ -186,6 +187,11 @@ class RunSpec:
         if self.transfer_format not in CHOICES:
             raise SpecKeyError("transfer_format", f"spec key 'transfer_format' must be one of {', '.join(CHOICES)}, "
                                                   f"got {self.transfer_format!r}")
+        from pkt_bench.api import SOURCES
+
+        if self.transfer_data not in SOURCES:
+            raise SpecKeyError("transfer_data", f"spec key 'transfer_data' must be one of {', '.join(SOURCES)}, "
+                                                f"got {self.transfer_data!r}")
 
     def with_overrides(self, **overrides: Any) -> RunSpec:
         """Apply CLI flags: keys whose value is None are left alone; budget.* keys go to the budget."""

@@ -12,6 +12,9 @@ A sweep config (see sweeps/reproduction.yaml):
     grids:                              # optional: several grids, each overriding the keys above
       - {name: qwen, pairs: [{teacher: "${QWEN_TEACHER}", student: "${QWEN_STUDENT}"}], tasks: [gsm8k]}
 
+`transfer_data:` (gold, teacher, self) applies to the methods that train on the task's data; a method that writes
+its own training answers (distill) runs on gold in every grid.
+
 Strings may name environment variables, `${VAR}` or `${VAR:-default}`, so that a checked-in config works with
 other folders. A `report:` section is kept for `pkt_bench.report`.
 
@@ -231,10 +234,13 @@ class Sweep:
             for name, config in methods:
                 # a reference cell records no references of its own, so reference cells never wait on each other
                 is_reference = name in REFERENCE_METHODS and config == {}
+                # a method that writes its own training answers (distill) takes no transfer_data: gold for it
+                own_data = getattr(METHODS.get(name).cls, "makes_train_data", False)
                 for teacher, student in grid.pairs:
                     spec = dataclasses.replace(base, method=name, method_config=config, teacher=teacher,
                                                student=student, tasks=grid.tasks, seed=grid.seeds[0],
-                                               references=base.references and not is_reference)
+                                               references=base.references and not is_reference,
+                                               transfer_data="gold" if own_data else base.transfer_data)
                     for cell in plan_cells(spec):
                         seeded = getattr(cell.method.cls, "seeded", True)  # the student and teacher: seed 0 only
                         for seed in grid.seeds if seeded else [0]:
@@ -287,11 +293,13 @@ def run_cell(spec: RunSpec, results: str, plugins: tuple[str, ...] = (), threads
 
 
 def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_parallel: int | None = None,
-              plugins: tuple[str, ...] = (), console: Console | None = None) -> SweepOutcome:
+              plugins: tuple[str, ...] = (), console: Console | None = None,
+              only: tuple[str, ...] = ()) -> SweepOutcome:
     """Plan the sweep, then run every cell without a record; cells that fail are reported, the rest go on.
 
     `max_parallel`: worker processes of the local executor (None: one cell at a time, here); for Ray, the
-    most cells in flight (None: as many as the cluster's resources allow).
+    most cells in flight (None: as many as the cluster's resources allow). `only`: run just these methods' cells
+    (and the reference cells of their tasks), in the planned order; the rest wait for a later run.
     """
     console = console or Console(stderr=True, soft_wrap=True)
     if executor not in EXECUTORS:
@@ -302,6 +310,14 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
     if executor == "ray":
         _import_ray()
     cells = sweep.plan(pin_device=executor == "ray")
+    if only:
+        unknown = sorted(set(only) - {c.spec.method for c in cells})
+        if unknown:
+            raise UserError(f"--only names methods the sweep does not run: {', '.join(unknown)}")
+        chosen = [c for c in cells if c.spec.method in only]
+        wanted = {(c.spec.teacher, c.spec.student, c.spec.tasks[0]) for c in chosen}
+        cells = [c for c in cells if c in chosen or (_is_reference(c) and (c.spec.teacher, c.spec.student,
+                                                                           c.spec.tasks[0]) in wanted)]
     todo = [c for c in cells if not store.path(c.key).exists()]
     todo_keys = {c.key for c in todo}
     outcome = SweepOutcome(cells, len(cells) - len(todo), 0, {})

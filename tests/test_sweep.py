@@ -199,16 +199,22 @@ def test_the_cpu_grid_parses_and_runs_seed_0_column_by_column_references_first(m
     monkeypatch.setattr("pkt_bench.runner._check_format", lambda formats, pair: None)
     sweep = Sweep.load(REPO / "sweeps" / "reproduction-cpu.yaml")
     methods = ["student", "teacher", "lora", "sensitivity", "distill", "pissa", "random-init", "teacher-random", "laten"]
-    assert all([m for m, _ in g.methods] == methods and g.seeds == [0, 1, 2] for g in sweep.grids)
-    assert [g.tasks for g in sweep.grids] == [["gsm8k-0shot"], ["humaneval"], ["mbpp"], ["mmlu"]]
-    assert [g.base.limit for g in sweep.grids] == [100, None, 100, 1000]
+    main = [g for g in sweep.grids if g.base.transfer_data == "self"]  # the table's default data: every method
+    compared = [g for g in sweep.grids if g.base.transfer_data != "self"]  # the data factor: lora, sensitivity
+    assert all([m for m, _ in g.methods] == methods and g.seeds == [0, 1, 2] for g in main)
+    assert [g.tasks for g in main] == [["gsm8k-0shot"], ["humaneval"], ["mbpp"], ["mmlu"]]
+    assert [g.base.limit for g in main] == [100, None, 100, 1000]
+    assert [(g.tasks[0], g.base.transfer_data) for g in compared] == [
+        ("gsm8k-0shot", "gold"), ("humaneval", "gold"), ("gsm8k-0shot", "teacher"), ("humaneval", "teacher")]
+    assert all([m for m, _ in g.methods] == ["lora", "sensitivity"] and g.seeds == [0] for g in compared)
     base = sweep.grids[0].base
     assert base.task_options == {"chat_template": True} and base.transfer_format == "chat_template"
     assert (base.budget.examples, base.budget.epochs, base.budget.optimizer_steps(64)) == (64, 2, 16)
     cells = sweep.plan()
-    tasks = [g.tasks[0] for g in sweep.grids]
-    order = [(c.spec.seed, tasks.index(c.spec.tasks[0]), c.spec.method not in ("student", "teacher")) for c in cells]
-    assert order == sorted(order)  # seed 0, column by column (each column's references first), then seeds 1, 2
-    assert order[0] == (0, 0, False) and order[-1] == (2, len(tasks) - 1, True)
-    assert sum(1 for *_, method in order if not method) == 2 * 4  # once per task, not per seed
+    grids = {c.key: i for i, g in reversed(list(enumerate(sweep.grids))) for c in g.cells}  # first grid asking
+    order = [(c.spec.seed, grids[c.key], c.spec.method not in ("student", "teacher")) for c in cells]
+    assert order == sorted(order)  # seed 0, grid by grid (each column's references first), then seeds 1, 2
+    assert order[0] == (0, 0, False) and order[-1][0] == 2
+    assert sum(1 for *_, method in order if not method) == 2 * 4  # once per task, not per seed or data source
+    assert len({c.key for c in cells}) == len(cells) == 8 + 7 * 4 * 3 + 2 * 4
     assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]

@@ -39,8 +39,8 @@ class GSM8K(LmEvalTask):
     def transfer_pool(self) -> list[Example]:
         """Train problems as zero-shot prompts answered in the exemplars' chain-of-thought style."""
         utils = self.utils
-        return [Example(utils.ZERO_SHOT + utils.question(doc), " " + utils.chain_of_thought(doc["answer"]), f"train:{i}")
-                for i, doc in enumerate(self.docs("train"))]
+        return [Example(utils.ZERO_SHOT + utils.question(doc), " " + utils.chain_of_thought(doc["answer"]), f"train:{i}",
+                        doc=doc) for i, doc in enumerate(self.docs("train"))]
 
     def from_laten(self, user: str, assistant: str) -> Example:
         """LaTen's "Question: ..." / "Answer: ... So the answer is N." with "Answer:" moved to the prompt, as in

@@ -23,19 +23,30 @@ class HumanEval(CodeTask):
     def item_id(self, index: int, doc: dict) -> str:
         return doc["task_id"]
 
-    def transfer_pool(self) -> list[Example]:
+    def transfer_pool(self, split: str = "train") -> list[Example]:
         """HumanEval has no train split: MBPP's train problems (task_ids 601-974) written as HumanEval problems
         (`utils.from_mbpp`), signature and docstring for the prompt and the rest of the code for the completion;
         in a chat, as the chat protocol writes them. Problem 966, with a comment after its signature, is left out."""
         from pkt_bench.tasks.mbpp import MBPP
 
         utils, examples = self.utils, []
-        for doc in MBPP(self.data_dir, allow_code_execution=True).docs("train"):
+        for doc in MBPP(self.data_dir, allow_code_execution=True).docs(split):
             if (problem := utils.from_mbpp(doc)) is not None:
                 prompt, completion = problem
                 chat = (utils.chat_prompt({"prompt": prompt}), utils.chat_answer({"prompt": prompt}, completion))
-                examples.append(Example(prompt, completion, f"mbpp:{doc['task_id']}", chat=chat))
+                tests = {key: doc[key] for key in ("test_list", "test_setup_code")}  # judge generated answers
+                examples.append(Example(prompt, completion, f"mbpp:{doc['task_id']}", chat=chat, doc={
+                    "task_id": f"mbpp:{doc['task_id']}", "prompt": prompt, "test": "\n".join(doc["test_list"]),
+                    "entry_point": "", **tests}))
         return examples
+
+    def validation_data(self) -> list[Example]:
+        """MBPP's validation problems (task_ids 511-600), written as HumanEval problems as the train ones are."""
+        return self.transfer_pool("validation")
+
+    def transfer_program(self, doc: dict, completion: str) -> str:
+        """A transfer example's problem (MBPP's, as a HumanEval prompt), the completion, then MBPP's asserts."""
+        return f"{doc['prompt']}{completion}\n\n{doc['test_setup_code']}\n" + "\n".join(doc["test_list"]) + "\n"
 
     def leaked(self, examples: Sequence[Example]) -> list[Example]:
         """Examples holding a problem's signature line and the first line of its docstring."""

@@ -22,13 +22,17 @@ class MBPP(CodeTask):
     def item_id(self, index: int, doc: dict) -> str:
         return str(doc["task_id"])
 
-    def transfer_pool(self) -> list[Example]:
+    def transfer_pool(self, split: str = "train") -> list[Example]:
         """Train problems (task_ids 601-974) as zero-shot prompts answered with the reference code; in a chat, the
         chat protocol's prompt answered with the code in a Python block."""
         utils = self.utils
         return [Example(utils.prompt(doc), f"{doc['code']}\n[DONE]", f"mbpp:{doc['task_id']}",
-                        chat=(utils.chat_prompt(doc), utils.chat_answer(doc)))
-                for doc in self.docs("train")]
+                        chat=(utils.chat_prompt(doc), utils.chat_answer(doc)), doc=doc)
+                for doc in self.docs(split)]
+
+    def validation_data(self) -> list[Example]:
+        """MBPP's own validation split (task_ids 511-600), written as the train problems are."""
+        return self.transfer_pool("validation")
 
     def leaked(self, examples: Sequence[Example]) -> list[Example]:
         """Examples that state a test problem's text (MBPP itself repeats a few texts across splits)."""

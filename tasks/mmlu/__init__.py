@@ -46,7 +46,8 @@ class MMLU(LmEvalTask):
     def transfer_pool(self) -> list[Example]:
         """Dev and validation questions as zero-shot prompts answered with the gold letter."""
         utils = self.utils
-        return [Example(utils.prompt(doc, []), " " + utils.LETTERS[doc["answer"]], f"{split}:{i}")
+        return [Example(utils.prompt(doc, []), " " + utils.LETTERS[doc["answer"]], f"{split}:{i}",
+                        doc={**doc, "prompt": utils.prompt(doc, [])})
                 for split in ("dev", "validation") for i, doc in enumerate(self.docs(split))]
 
     def from_laten(self, user: str, assistant: str) -> Example:
