@@ -303,7 +303,7 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     figures = out.parent / out.stem
     sections, summary = [], defaultdict(list)
     for grid in sweep.grids:
-        records = [r for r in (store.get(c.key) for c in grid.cells) if r is not None]
+        records = [_named(r) for r in (store.get(c.key) for c in grid.cells) if r is not None]
         if not records:
             failed = sum(c.label in outcome.failed for c in grid.cells)
             why = (f"{failed} of its {len(grid.cells)} cells failed" if failed == len(grid.cells) else
@@ -322,7 +322,7 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     for i, claim in enumerate(config.claims):
         if claim.kind == "beats_baseline" and claim.most_on:
             summary[i] += most_on(claim.most_on, summary[i])
-    every = [r for r in (store.get(c.key) for c in outcome.cells) if r is not None]
+    every = [_named(r) for r in (store.get(c.key) for c in outcome.cells) if r is not None]
     if len({(model_identity(r, "teacher"), model_identity(r, "student")) for r in every}) > 1:
         sections.append(_ladder_section(every, config.baseline, figures, out.parent))
     notes = [config.notes + "\n"] if config.notes else []
@@ -333,10 +333,25 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     return list(outcome.failed)
 
 
+def _named(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as the report shows it: models by folder name (a machine's paths are no part of a report)."""
+    return {**record, "teacher": Path(record["teacher"]).name, "student": Path(record["student"]).name}
+
+
+def _commits(records: list[dict[str, Any]]) -> str:
+    """The pkt-bench commits records were made from, compactly: the one, or how many and the most used."""
+    counts = Counter(r["environment"].get("git_commit") or "unknown" for r in records)
+    if len(counts) <= 1:
+        return f"commit {next(iter(counts), 'n/a')}"
+    top, n = counts.most_common(1)[0]
+    dirty = sum(v for k, v in counts.items() if k.endswith("-dirty"))
+    return (f"{len(counts)} commits, {top} for {n} of {len(records)} records"
+            + (f"; {dirty} from uncommitted code (diffs beside the records)" if dirty else ""))
+
+
 def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any, command: str) -> str:
-    machines = sorted({_machine(r["environment"]) for c in outcome.cells if (r := store.get(c.key)) is not None})
-    commits = sorted({r["environment"].get("git_commit") or "unknown" for c in outcome.cells
-                      if (r := store.get(c.key)) is not None})
+    stored = [r for c in outcome.cells if (r := store.get(c.key)) is not None]
+    machines = sorted({_machine(r["environment"]) for r in stored})
     failed = ""
     if outcome.failed:
         failed = (f"\n**Incomplete: {len(outcome.failed)} cells failed** and are missing from the tables: "
@@ -353,7 +368,7 @@ def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any
 
 Made by `{command}` on {datetime.now(timezone.utc).strftime('%Y-%m-%d')} from the sweep config
 `{sweep.path}`: {len(outcome.cells)} cells, {outcome.ran} run for this report and {outcome.stored_before} reused from
-`{store.root}`. Records made on: {'; '.join(machines) or 'n/a'} (pkt-bench commit {', '.join(commits)}).
+`{store.root}`. Records made on: {'; '.join(machines) or 'n/a'} (pkt-bench {_commits(stored)}).
 Rerunning the command (without `--stored-only`) runs only the cells without a record{_reads(sweep)}.
 {failed}"""
 
@@ -362,9 +377,8 @@ def _reads(sweep: Sweep) -> str:
     """What a rerun on another machine must export first: the environment variables the config reads."""
     if not sweep.variables:
         return ""
-    exports = " ".join(f"{name}={shlex.quote(value)}" for name, value in sweep.variables.items())
-    return (f"; the config reads {', '.join(f'`{v}`' for v in sweep.variables)} from the environment (here: "
-            f"`export {exports}`), so on another machine export them first, to its own copies")
+    return (f"; the config reads {', '.join(f'`{v}`' for v in sweep.variables)} from the environment, so on "
+            f"another machine export them first, to its own copies")
 
 
 def _machine(env: dict[str, Any]) -> str:
@@ -393,12 +407,17 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
     from pkt_bench.plots import plot
 
     b = grid.base.budget
-    pairs = "; ".join(f"{t} → {s}" for t, s in grid.pairs)
+    pairs = "; ".join(grid.pair_name(t, s) for t, s in grid.pairs)
+    seeds = sorted({r["seed"] for r in records if r["method"] not in ("student", "teacher")})
+    have = (f"seeds with records: {', '.join(map(str, seeds))} of {', '.join(map(str, grid.seeds))}"
+            if seeds != grid.seeds else f"seeds {', '.join(map(str, grid.seeds))}")
     parts = [f"## {grid.name}: {pairs}", "",
-             f"Tasks {', '.join(grid.tasks)}, evaluated on {_items(grid.base.limit)}; seeds {', '.join(map(str, grid.seeds))}; budget for methods that fine-tune: {b.examples} "
+             f"Tasks {', '.join(grid.tasks)}, evaluated on {_items(grid.base.limit)}; {have}; transfer data "
+             f"{grid.base.transfer_data}; budget for methods that fine-tune: {b.examples} "
              f"train examples × {b.epochs} epochs, batch {b.batch_size} × accum {b.grad_accum}, lr {b.lr:g}, "
              f"max length {b.max_length}; ran on {' and '.join(devices)}.", "",
              render(rows, "md"), ""]
+    parts += _warnings(rows, records, config.baseline)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", grid.name).strip("-") or "grid"
     for path in plot(rows, figures / slug):
         parts.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
@@ -414,6 +433,32 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
             parts.append(f"Not run here: none of {', '.join(claim.methods)} has a Δ against {config.baseline}.")
         parts.append("")
     return "\n".join(parts)
+
+
+COLLAPSED = 0.5
+"""An MMLU row whose most chosen letter takes more than this share of the answers is flagged as collapsed."""
+
+
+def _warnings(rows: list[Score], records: list[dict[str, Any]], baseline: str) -> list[str]:
+    """What a reader must know before reading Δ: a baseline below the untouched student (a method that beats it
+    may only lose less), and collapsed multiple-choice answers."""
+    lines = []
+    mean = {(s.method, s.task): s.mean for s in rows}
+    for task in sorted({s.task for s in rows}):
+        base, student = mean.get((baseline, task)), mean.get(("student", task))
+        if base is not None and student is not None and base < student:
+            lines.append(f"- **{baseline} scores below the untouched student on {task}** ({base:.3f} against "
+                         f"{student:.3f}): a method that beats {baseline} here may only lose less than it; compare "
+                         f"with the student row too.")
+    collapsed = defaultdict(list)
+    for r in records:
+        share = r["metrics"].get("top_letter_share")
+        if share is not None and share > COLLAPSED:
+            collapsed[(r["method"], r["task"])].append(share)
+    for (method, task), shares in sorted(collapsed.items()):
+        lines.append(f"- **{method} on {task} is collapsed**: one letter takes {max(shares):.0%} of its answers "
+                     f"(top_letter_share above {COLLAPSED}); its accuracy measures that letter's share, not knowledge.")
+    return lines + [""] if lines else []
 
 
 def _cell_costs(records: list[dict[str, Any]]) -> list[str]:

@@ -59,6 +59,11 @@ class Cell:
         return resolve(self.spec.transfer_format, self.task)
 
     @property
+    def selects(self) -> bool:
+        """Whether this cell selects its learning rate on the validation split (`select:`, fine-tuning methods)."""
+        return bool(self.spec.select) and self.method.cls.fine_tunes
+
+    @property
     def seed(self) -> int:
         """The run's seed; 0 for a method with nothing random (`seeded = False`: the student and teacher as they
         are), so one evaluation of each serves every seed's records."""
@@ -84,6 +89,8 @@ class Cell:
             from pkt_bench.formats import identity
 
             cell.update(identity(self.transfer_format, self.task))
+        if self.selects:  # the budget's lr is then each trial's starting point only: the trials are keyed
+            cell["select"] = self.spec.select
         if self.method.cls.fine_tunes and self.spec.transfer_data != "gold":  # absent for gold: older keys hold
             # (a method that writes its own answers, distill, is refused anything else in plan())
             cell["transfer_data"] = self.spec.transfer_data
@@ -135,6 +142,11 @@ def plan(spec: RunSpec) -> list[Cell]:
 
         for task_name, task in tasks:
             check_source(spec.transfer_data, task, task_name)
+    if spec.select and method.cls.fine_tunes:
+        from pkt_bench.selection import check as check_selection
+
+        for task_name, task in tasks:
+            check_selection(spec.select, task, task_name)
     backend, backend_reason = resolve_backend(spec.backend, pair)  # after every other check: it may import vLLM
     if spec.backend == "auto":
         check_backend(backend, spec.vllm_args)  # engine settings, now that auto has picked
@@ -373,13 +385,25 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
 def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[str, Any], key: str, label: str,
              workdir: Path, meter: StageMeter) -> CellOutcome:
     """Transfer, evaluate and store one cell, measuring its stages with `meter`."""
-    ctx = TransferContext(cell.pair, cell.task, cell.spec.budget, cell.seed, workdir, meter,
-                          task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
-                          backend=cell.spec.backend, transfer_format=cell.transfer_format,
-                          transfer_data=cell.spec.transfer_data if cell.method.cls.fine_tunes else "gold")
+    def context(budget, folder: Path) -> TransferContext:
+        return TransferContext(cell.pair, cell.task, budget, cell.seed, folder, meter,
+                               task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
+                               backend=cell.spec.backend, transfer_format=cell.transfer_format,
+                               transfer_data=cell.spec.transfer_data if cell.method.cls.fine_tunes else "gold")
+
+    method = cell.method.cls(cell.config)
     started = time.perf_counter()
+    selection = None
     with meter.stage("transfer"):
-        artifact = cell.method.cls(cell.config).transfer(ctx)
+        if cell.selects:  # one transfer per learning rate, the best on the validation split goes on
+            from pkt_bench.selection import select_lr, trial_budget
+
+            artifact, ctx, selection = select_lr(
+                lambda lr, i: context(trial_budget(cell.spec.budget, lr), workdir / f"trial-{i}"), method.transfer,
+                cell.spec.select, cell.spec.eval_batch_size, cell.spec.vllm_args)
+        else:
+            ctx = context(cell.spec.budget, workdir)
+            artifact = method.transfer(ctx)
     release_memory()  # the trained model's pages go back before the evaluation loads the artifact
     with meter.stage("evaluate"):
         target = make_target(artifact, cell.spec.backend, cell.pair.device, cell.pair.dtype,
@@ -406,7 +430,8 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
         "costs": {"examples_seen": 0, "optimizer_steps": 0, **ctx.costs},
         "stages": stages, "wall_s": round(time.perf_counter() - started, 3), "fine_tune": ctx.training,
         "artifact": dataclasses.asdict(artifact), "environment": _environment(store),
-        "budget": dataclasses.asdict(cell.spec.budget) if cell.method.cls.fine_tunes else None,  # every field, as used
+        "budget": dataclasses.asdict(ctx.budget) if cell.method.cls.fine_tunes else None,  # every field, as used
+        **({"selection": selection} if selection else {}),
         "made_by": made_by(),
         **({"vllm_args": cell.spec.vllm_args} if cell.spec.vllm_args else {}),  # every setting, neutral ones too
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -130,6 +130,7 @@ class RunSpec:
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine settings (max_model_len, ...)
     transfer_format: str = "auto"
     transfer_data: str = "gold"  # whose answers the fine-tuning methods train on (pkt_bench.transferdata)
+    select: dict[str, Any] = field(default_factory=dict)  # learning-rate selection on validation (pkt_bench.selection)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
@@ -168,7 +169,7 @@ class RunSpec:
             "method": str, "teacher": str, "student": str, "backend": str, "dtype": str, "device": str,
             "seed": int, "method_config": dict, "tasks": list, "references": bool, "task_options": dict,
             "allow_code_execution": bool, "eval_batch_size": int, "fit_context": bool,
-            "vllm_args": dict, "transfer_format": str, "transfer_data": str,
+            "vllm_args": dict, "transfer_format": str, "transfer_data": str, "select": dict,
         }
         for key, kind in expected.items():
             value = getattr(self, key)
@@ -187,6 +188,12 @@ class RunSpec:
         if self.transfer_format not in CHOICES:
             raise SpecKeyError("transfer_format", f"spec key 'transfer_format' must be one of {', '.join(CHOICES)}, "
                                                   f"got {self.transfer_format!r}")
+        from pkt_bench.selection import normalize
+
+        try:
+            self.select = normalize(self.select)
+        except UserError as error:
+            raise SpecKeyError("select", f"spec key 'select': {error}") from None
         from pkt_bench.api import SOURCES
 
         if self.transfer_data not in SOURCES:

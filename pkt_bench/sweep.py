@@ -95,6 +95,11 @@ class Grid:
     base: RunSpec
     resources: Resources
     cells: list[SweepCell] = field(default_factory=list)  # filled by `Sweep.plan`, reference cells included
+    pair_names: dict[tuple[str, str], str] = field(default_factory=dict)  # (teacher, student) -> `name:` given
+
+    def pair_name(self, teacher: str, student: str) -> str:
+        """How reports name a pair: its `name:`, else "teacher → student" by folder name, never a machine path."""
+        return self.pair_names.get((teacher, student)) or f"{Path(teacher).name} → {Path(student).name}"
 
 
 @dataclass
@@ -177,9 +182,10 @@ class Sweep:
             parsed_methods.append((entry["method"], entry.get("method_config") or {}))
         pairs = data.get("pairs", [{"teacher": RunSpec.teacher, "student": RunSpec.student}])
         if not isinstance(pairs, list) or not pairs or not all(
-                isinstance(p, dict) and set(p) == {"teacher", "student"} and all(isinstance(v, str) for v in p.values())
-                for p in pairs):
-            raise fail("pairs", "'pairs' must be a non-empty list of {teacher: MODEL, student: MODEL}")
+                isinstance(p, dict) and {"teacher", "student"} <= set(p) <= {"teacher", "student", "name"}
+                and all(isinstance(v, str) for v in p.values()) for p in pairs):
+            raise fail("pairs", "'pairs' must be a non-empty list of {teacher: MODEL, student: MODEL} (with an "
+                                "optional name: for reports)")
         tasks = data.get("tasks", ["probe"])
         tasks = [tasks] if isinstance(tasks, str) else tasks
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
@@ -201,7 +207,8 @@ class Sweep:
         except SpecKeyError as error:
             raise fail(error.key, str(error)) from None
         return Grid(name, parsed_methods, [(p["teacher"], p["student"]) for p in pairs], tasks, seeds, base,
-                    Resources(**resources))
+                    Resources(**resources), pair_names={(p["teacher"], p["student"]): p["name"] for p in pairs
+                                                        if "name" in p})
 
     def plan(self, pin_device: bool = False) -> list[SweepCell]:
         """Every cell of every grid, each once, by seed, then grid by grid, each grid's reference cells before its

@@ -23,7 +23,7 @@ def use_commands() -> list[str]:
 def test_every_offline_command_of_the_use_section_runs_as_written(pico_pair, tmp_path):
     commands = use_commands()
     runnable = [c for c in commands if not any(marker in f"{c} " for marker in NEEDS_MORE)]
-    assert len(commands) == 23 and len(runnable) == 13, runnable  # a new command: decide which list it is in
+    assert len(commands) == 24 and len(runnable) == 14, runnable  # a new command: decide which list it is in
     for folder in ("examples", "sweeps"):
         (tmp_path / folder).symlink_to(REPO / folder)
     env = {"PKT_BENCH_RESULTS": str(tmp_path / "results")}

@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 from pkt_bench.api import UserError
-from pkt_bench.leaderboard import Score
+from pkt_bench.leaderboard import Score, scores
 from pkt_bench.report import Claim, Controls, ReportConfig, check, most_on, overall, power, write_report
 from pkt_bench.store import ResultStore
 from pkt_bench.sweep import Sweep
@@ -131,13 +131,15 @@ def test_report_command_on_a_tiny_probe_sweep(pico_pair, tmp_path):
     text = out.read_text()
     assert text.startswith("# Tiny report") and "Made by `pkt-bench report tiny.yaml`" in text
     assert "4 cells, 4 run for this report and 0 reused" in text  # student and teacher once, lora per seed
-    assert ("runs only the cells without a record; the config reads `TINY_TEACHER` from the environment (here: "
-            "`export TINY_TEACHER=pico-teacher`), so on another machine export them first" in text)
+    assert ("runs only the cells without a record; the config reads `TINY_TEACHER` from the environment, so on "
+            "another machine export them first" in text)
+    assert "export TINY_TEACHER=" not in text  # a machine's values (paths) are no part of a report
     assert "\nWeights: the pico pair, built in-process.\n" in text
     assert text.index("Weights: the pico pair") < text.index("## Claims at a glance")
     assert "| student | " in text and "Δ probe vs student" in text
     assert "pair (teacher -> student): pico-teacher -> pico-student" in text  # one pair: said once
-    assert "seeds 0, 1; budget for methods that fine-tune: 8 train examples × 1 epochs" in text
+    assert "seeds 0, 1; transfer data gold; budget for methods that fine-tune: 8 train examples × 1 epochs" in text
+    assert re.search(r"pkt-bench commit [0-9a-f]{7,}", text)  # one commit, said once
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
         assert (out.parent / image).read_bytes().startswith(b"\x89PNG")
     assert "scores-probe.png" in text and "cost-probe.png" in text
@@ -221,3 +223,31 @@ def test_the_cost_table_shows_how_much_of_the_student_a_method_left_as_it_was():
     rows = {cells[1].strip(): cells[-2].strip() for line in lines[lines.index("") + 3:] if (cells := line.split("|"))[1:]}
     # identical items at the same score are the sign of a method that changed nothing; the share says how many
     assert rows == {"student": "", "no-op": "100%", "half": "50%", "orphan": ""}
+
+
+def test_warnings_name_a_baseline_below_the_student_and_a_collapsed_multiple_choice_row():
+    from pkt_bench.report import _warnings
+
+    records = [_record("student", "T", "S", 0, 30), _record("lora", "T", "S", 0, 10), _record("lora", "T", "S", 1, 12)]
+    records[1]["metrics"]["top_letter_share"] = 0.93
+    lines = _warnings(scores(records, baseline="lora"), records, "lora")
+    assert any("lora scores below the untouched student on probe** (0.220 against 0.600)" in line for line in lines)
+    assert any("lora on probe is collapsed**: one letter takes 93%" in line for line in lines)
+    fine = [_record("student", "T", "S", 0, 10), _record("lora", "T", "S", 0, 30)]
+    assert _warnings(scores(fine, baseline="lora"), fine, "lora") == []
+
+
+def test_pairs_are_named_by_their_name_or_folder_names_never_a_path(tmp_path):
+    from pkt_bench.report import _named
+
+    config = tmp_path / "named.yaml"
+    config.write_text("methods: [lora]\npairs:\n  - {teacher: /models/big, student: /models/small, name: Big -> Small}"
+                      "\n  - {teacher: /models/big, student: /models/tiny}\n")
+    grid = Sweep.load(config).grids[0]
+    assert grid.pair_name("/models/big", "/models/small") == "Big -> Small"
+    assert grid.pair_name("/models/big", "/models/tiny") == "big → tiny"
+    shown = _named(_record("lora", "/models/big", "/models/tiny", 0, 3))
+    assert (shown["teacher"], shown["student"]) == ("big", "tiny")
+    config.write_text("methods: [lora]\npairs: [{teacher: a, student: b, label: x}]\n")
+    with pytest.raises(UserError, match="optional name"):
+        Sweep.load(config)

@@ -77,6 +77,18 @@ def test_rerun_runs_only_missing_cells(swept, tmp_path):
     assert {r["seed"] for r in store.records()} == {0, 1, 2}
 
 
+def test_only_runs_the_named_methods_and_their_references(pico_pair, tmp_path):
+    config = write(tmp_path, TINY.replace("methods: [student, lora]", "methods: [student, lora, pissa]"))
+    store = ResultStore(tmp_path / "results")
+    with pytest.raises(UserError, match="--only names methods the sweep does not run: kd"):
+        run_sweep(Sweep.load(config), store, console=quiet(), only=("kd",))
+    first = run_sweep(Sweep.load(config), store, console=quiet(), only=("pissa",))
+    assert sorted(c.spec.method for c in first.cells) == ["pissa", "pissa", "student", "teacher"]
+    assert first.ran == 4 and sorted(r["method"] for r in store.records()) == ["pissa", "pissa", "student", "teacher"]
+    rest = run_sweep(Sweep.load(config), store, console=quiet())  # the rest later; nothing runs twice
+    assert rest.stored_before == 4 and rest.ran == 2
+
+
 def test_grids_override_top_level_keys_and_expand_env_vars(tmp_path, monkeypatch):
     monkeypatch.setenv("PKT_TEST_STUDENT", "pico-student")
     sweep = Sweep.load(write(tmp_path, """\
@@ -199,8 +211,12 @@ def test_the_cpu_grid_parses_and_runs_seed_0_column_by_column_references_first(m
     monkeypatch.setattr("pkt_bench.runner._check_format", lambda formats, pair: None)
     sweep = Sweep.load(REPO / "sweeps" / "reproduction-cpu.yaml")
     methods = ["student", "teacher", "lora", "sensitivity", "distill", "pissa", "random-init", "teacher-random", "laten"]
-    main = [g for g in sweep.grids if g.base.transfer_data == "self"]  # the table's default data: every method
+    main = [g for g in sweep.grids if g.base.transfer_data == "self" and not g.base.select]  # every method
     compared = [g for g in sweep.grids if g.base.transfer_data != "self"]  # the data factor: lora, sensitivity
+    selected = [g for g in sweep.grids if g.base.select]  # lr selection on the default data: lora, sensitivity
+    assert [(g.tasks[0], g.base.select["lr"]) for g in selected] == [("gsm8k-0shot", [1e-4, 3e-4, 1e-3]),
+                                                                      ("humaneval", [1e-4, 3e-4, 1e-3])]
+    assert all([m for m, _ in g.methods] == ["lora", "sensitivity"] and g.seeds == [0] for g in selected)
     assert all([m for m, _ in g.methods] == methods and g.seeds == [0, 1, 2] for g in main)
     assert [g.tasks for g in main] == [["gsm8k-0shot"], ["humaneval"], ["mbpp"], ["mmlu"]]
     assert [g.base.limit for g in main] == [100, None, 100, 1000]
@@ -216,5 +232,5 @@ def test_the_cpu_grid_parses_and_runs_seed_0_column_by_column_references_first(m
     assert order == sorted(order)  # seed 0, grid by grid (each column's references first), then seeds 1, 2
     assert order[0] == (0, 0, False) and order[-1][0] == 2
     assert sum(1 for *_, method in order if not method) == 2 * 4  # once per task, not per seed or data source
-    assert len({c.key for c in cells}) == len(cells) == 8 + 7 * 4 * 3 + 2 * 4
+    assert len({c.key for c in cells}) == len(cells) == 8 + 7 * 4 * 3 + 2 * 4 + 2 * 2
     assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]

@@ -94,6 +94,23 @@ def test_generated_data_are_built_once_for_every_seed_and_method(tmp_path, pico_
     assert len(list((tmp_path / "cache").glob("transfer-data-*"))) == 2
 
 
+def test_two_methods_and_two_seeds_train_on_one_generated_set(tmp_path, pico_pair):
+    from pkt_bench.runner import run
+    from pkt_bench.spec import RunSpec
+    from pkt_bench.store import ResultStore
+
+    store = ResultStore(tmp_path / "results")
+    records = [run(RunSpec(method=method, seed=seed, transfer_data="teacher", references=False,
+                           budget=Budget(examples=24, epochs=1, batch_size=8)), store)[-1].record
+               for method, seed in (("lora", 0), ("pissa", 0), ("lora", 1))]
+    assert len(list(store.cache_dir.glob("transfer-data-*"))) == 1
+    assert len({r["transfer_data"]["hash"] for r in records}) == 1
+    assert all(r["transfer_data"]["source"] == "teacher" and r["transfer_data"]["kept"] == 24 for r in records)
+    assert [r["costs"].get("reused", 0) for r in records] == [0, 1, 1]
+    assert all(r["costs"]["teacher_forward"] == records[0]["transfer_data"]["tried"] for r in records)
+    assert len({r["key"] for r in records}) == 3 and all(r["cell"]["transfer_data"] == "teacher" for r in records)
+
+
 def test_too_few_correct_answers_train_on_what_there_is_and_say_so(tmp_path, pico_pair, monkeypatch, capsys):
     generator = Scripted(right=lambda i: i in (5, 7))
     monkeypatch.setattr("pkt_bench.evaluate.make_target", lambda *a, **k: Target(generator))
@@ -200,3 +217,93 @@ def test_transfer_prompts_in_the_chat_format_are_the_chat_evaluations_prompts(na
     answer = (example.chat[1] if example.chat else example.response).strip()
     assert (rendered.prompt + rendered.response).endswith(answer)  # the answer's opening is not written twice
     assert not rendered.response.startswith(task.chat_prefix(example.doc).strip() or "\0")
+
+
+# -- learning-rate selection on the validation split ---------------------------------------------------------------
+
+def _probe_with_validation():
+    """The probe with its last 12 transfer facts kept apart as a validation split (registered once)."""
+    from pkt_bench.registry import TASKS, register_task
+    from pkt_bench.tasks.probe import Probe
+
+    if "probe-val" not in TASKS.names():
+        @register_task("probe-val")
+        class ProbeVal(Probe):
+            description = "the probe with a validation split (tests)"
+
+            def transfer_data(self, role):
+                return super().transfer_data(role)[:-12]
+
+            def validation_data(self):
+                return super().transfer_data("train")[-12:]
+
+
+def test_selection_gives_every_method_the_same_trials_and_evaluates_the_best(tmp_path, pico_pair, monkeypatch):
+    from pkt_bench import selection
+    from pkt_bench.runner import run
+    from pkt_bench.spec import RunSpec
+    from pkt_bench.store import ResultStore
+
+    _probe_with_validation()
+    scored = []
+    real = selection.validation_score
+
+    def spy(ctx, artifact, examples, batch, engine):
+        score, ids = real(ctx, artifact, examples, batch, engine)
+        scored.append((ctx.budget.lr, score, artifact.path))
+        return score, ids
+
+    monkeypatch.setattr(selection, "validation_score", spy)
+    select = {"lr": [1.0e-5, 3.0e-3, 3.0e-2], "on": "validation", "examples": 10}
+    records = {}
+    for method in ("lora", "pissa"):
+        spec = RunSpec(method=method, tasks=["probe-val"], select=select, references=False,
+                       budget=Budget(examples=48, epochs=2, batch_size=8))
+        records[method] = run(spec, ResultStore(tmp_path / "results"))[-1].record
+    for method, record in records.items():
+        chosen = record["selection"]
+        assert [t["lr"] for t in chosen["trials"]] == select["lr"]  # the same trials for every method
+        assert chosen["examples"] == 10 and len(chosen["validation_ids"]) == 10
+        best = max(chosen["trials"], key=lambda t: t["validation_score"])
+        assert chosen["winner"]["lr"] == best["lr"] == record["budget"]["lr"]
+        assert [s["lr"] for s in record["fine_tune"]] == select["lr"]  # every trial's training is recorded
+        assert record["costs"]["optimizer_steps"] == 3 * record["fine_tune"][0]["optimizer_steps"]
+        assert record["cell"]["select"] == select
+    assert records["lora"]["selection"]["validation_ids"] == records["pissa"]["selection"]["validation_ids"]
+    assert len(scored) == 6 and len({path for *_, path in scored}) == 6  # one artifact per trial
+    from pkt_bench.registry import TASKS, make_task
+
+    validation = make_task(TASKS.get("probe-val"), None, {}, False).validation_data()
+    assert records["lora"]["selection"]["validation_ids"] == [e.id for e in validation][:10]
+
+
+def test_selection_input_errors_name_what_is_wrong():
+    from pkt_bench.spec import RunSpec
+
+    for bad, message in (({"lr": []}, "distinct positive learning rates"), ({"lr": [1e-4, 1e-4]}, "distinct"),
+                         ({"lr": [1e-4], "on": "test"}, "must be validation"), ({"lr": [1e-4], "examples": 0},
+                                                                                 "positive integer"),
+                         ({"lr": [1e-4], "metric": "loss"}, "takes lr:, on: and examples:")):
+        with pytest.raises(UserError, match=message):
+            RunSpec.from_dict({"select": bad})
+
+    assert RunSpec.from_dict({"select": {True: "validation", "lr": [1e-4]}}).select["on"] == "validation"  # YAML 1.1 `on:`
+    with pytest.raises(UserError, match="no validation split"):
+        from pkt_bench.runner import plan
+
+        plan(RunSpec(method="lora", select={"lr": [1e-4]}))  # the probe has none
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=NO_DATA)
+@pytest.mark.parametrize("name", ["gsm8k-0shot", "humaneval", "mbpp", "mmlu"])
+def test_validation_splits_are_disjoint_from_every_role_and_the_test_items(name):
+    from pkt_bench.registry import TASKS, make_task
+
+    task = make_task(TASKS.get(name), str(DATA), {}, allow_code_execution=True)
+    validation = task.validation_data()
+    assert len(validation) >= 50
+    roles = {e.id for role in ("seed", "align", "train") for e in task.transfer_data(role)}
+    assert not roles & {e.id for e in validation}
+    assert not task.leaked(validation)
+    prompts = {e.prompt for role in ("seed", "align", "train") for e in task.transfer_data(role)}
+    assert not prompts & {e.prompt for e in validation}
