@@ -56,6 +56,7 @@ A claim's overall verdict is the verdict every (method, task) shares, or "mixed"
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import statistics
@@ -253,6 +254,23 @@ def check(claim: Claim, rows: list[Score], controls: Controls | None = None) -> 
     return findings
 
 
+def judge(config: ReportConfig, rows: list[Score], records: list[dict[str, Any]]) -> list[list[Finding]]:
+    """Each claim's findings on a grid's rows. Where the baseline scores below the untouched student on a task, a
+    claim that gains are small (`small_and_unstable`) is also judged against the student there (findings on
+    "<task> vs student"): a method can lose less than a damaging baseline and still change nothing."""
+    findings = [check(claim, rows, config.controls) for claim in config.claims]
+    mean = {(s.method, s.task): s.mean for s in rows}
+    below = {s.task for s in rows if s.method == config.baseline and ("student", s.task) in mean
+             and s.mean < mean[("student", s.task)]}
+    if below:
+        against = [dataclasses.replace(s, task=f"{s.task} vs student")
+                   for s in scores(records, baseline="student", allow_unequal=True) if s.task in below]
+        for i, claim in enumerate(config.claims):
+            if claim.kind == "small_and_unstable":
+                findings[i] += check(claim, against, config.controls)
+    return findings
+
+
 def _seed_gains(s: Score, baseline: Score) -> list[float]:
     """The method's score at each seed minus the baseline's at that seed (its mean where it lacks the seed)."""
     return [score - baseline.per_seed.get(seed, baseline.mean) for seed, score in sorted(s.per_seed.items())]
@@ -314,7 +332,7 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
         has_baseline = any(r["method"] == config.baseline for r in records)
         # the leaderboard resolves the baseline name; a Δ across budgets is shown marked, never hidden
         rows = scores(records, baseline=config.baseline if has_baseline else None, allow_unequal=True)
-        findings = [check(claim, rows, config.controls) for claim in config.claims]
+        findings = judge(config, rows, records)
         for i, found in enumerate(findings):
             summary[i] += found
         devices = sorted({f"{r['cell'].get('device_type')}, {r['cell'].get('dtype')}" for r in records})

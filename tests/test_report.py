@@ -251,3 +251,20 @@ def test_pairs_are_named_by_their_name_or_folder_names_never_a_path(tmp_path):
     config.write_text("methods: [lora]\npairs: [{teacher: a, student: b, label: x}]\n")
     with pytest.raises(UserError, match="optional name"):
         Sweep.load(config)
+
+
+def test_a_small_gains_claim_is_also_judged_against_the_student_where_the_baseline_is_below_it():
+    from pkt_bench.report import judge
+
+    # lora damages the student (0.20 against 0.60); sensitivity loses less (0.40): +0.20 over lora, -0.20 vs student
+    records = [_record("student", "T", "S", 0, 30)] + [
+        _record(method, "T", "S", seed, right) for seed in (0, 1) for method, right in (("lora", 10), ("sensitivity", 20))]
+    config = ReportConfig("t", "lora", claims=[BEATS, SMALL])
+    beats, small = judge(config, scores(records, baseline="lora"), records)
+    assert [f.task for f in beats] == ["probe"]  # a claim against lora is judged against lora only
+    assert sorted(f.task for f in small) == ["probe", "probe vs student"]
+    against = next(f for f in small if f.task == "probe vs student")
+    assert against.score.delta == pytest.approx(-0.2) and against.score.baseline == "student"
+    assert against.verdict == "partly supported"  # small (no gain at all) but stable: the rule's "partly"
+    healthy = [_record("student", "T", "S", 0, 5)] + records[1:]
+    assert [f.task for f in judge(config, scores(healthy, baseline="lora"), healthy)[1]] == ["probe"]
