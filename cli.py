@@ -95,7 +95,10 @@ def _names(values: list[str] | None) -> list[str] | None:
     """Repeated flags and comma lists alike (`--task gsm8k,mmlu`, as lm-eval takes them)."""
     if not values:
         return None
-    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+    for value in values:
+        if any(not name.strip() for name in value.split(",")):
+            raise UserError(f"empty name in {value!r}; separate names with single commas, e.g. probe,gsm8k")
+    return [name.strip() for value in values for name in value.split(",")]
 
 
 def _flag_errors(spec: RunSpec, **flags: object) -> RunSpec:
@@ -329,6 +332,8 @@ def _rows(results: Path, task: list[str] | None, baseline: str | None, allow_une
     from pkt_bench.leaderboard import scores
     from pkt_bench.store import ResultStore
 
+    if results.exists() and not results.is_dir():
+        raise UserError(f"--results {str(results)!r} is a file, not a results folder; pass the folder records are in")
     if not results.is_dir():
         raise UserError(f"results folder {str(results)!r} does not exist; run `pkt-bench run` first or pass --results")
     tasks = _names(task)

@@ -111,17 +111,22 @@ class VLLMTarget:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             defaults: dict[str, Any] = {}
             if self.device.startswith("cpu"):
-                self.engine_settings = vllm_cpu_settings(self._model_folder(), self.batch_size)
+                self.engine_settings = vllm_cpu_settings(self._model_folder(), self.batch_size, dtype=self.dtype)
                 for name, value in self.engine_settings.items():
-                    os.environ.setdefault(name, value)  # a user's own setting wins
+                    if name not in os.environ or _SET_HERE.get(name) == os.environ[name]:  # a user's own wins
+                        os.environ[name] = _SET_HERE[name] = value  # this engine's, not an earlier model's
                 self.engine_settings = {name: os.environ[name] for name in self.engine_settings}  # what it got
+                import vllm.envs
+
+                if hasattr(vllm.envs, "disable_envs_cache"):  # an earlier engine froze the variables it read
+                    vllm.envs.disable_envs_cache()
                 import torch
 
                 # the in-process engine computes on torch's threads: one per core this process may use (torch's
                 # own setter, which vLLM's CPU worker replaces in-process once an engine has started)
                 torch._C.set_num_threads(len(os.sched_getaffinity(0)))
                 self.engine_settings["torch_threads"] = str(torch.get_num_threads())
-                defaults = dict(CPU_ENGINE_ARGS)
+                defaults = {**CPU_ENGINE_ARGS, "max_model_len": min(KV_TOKENS_PER_ROW, _context(self._model_folder()))}
             VLLM = _lm_eval_vllm_class()
 
             lora = self.artifact.path if self.lora_request and self.artifact.kind == "adapter" else None
@@ -177,7 +182,21 @@ KV_TOKENS_PER_ROW = 4096
 """Tokens of KV cache vLLM's CPU backend reserves per row of a batch (prompt + generation of every protocol here)."""
 
 
-def vllm_cpu_settings(model_folder: str, batch_size: int, cpus: list[int] | None = None) -> dict[str, str]:
+_SET_HERE: dict[str, str] = {}
+"""The vLLM environment variables pkt-bench set in this process, and to what: the next engine (another model) may
+set them again, where a value the user set is left alone."""
+
+
+def _context(model_folder: str) -> int:
+    """The model's own context length (its config's max_position_embeddings)."""
+    import json
+
+    config = json.loads((Path(model_folder) / "config.json").read_text())
+    return int(config.get("text_config", config).get("max_position_embeddings") or KV_TOKENS_PER_ROW)
+
+
+def vllm_cpu_settings(model_folder: str, batch_size: int, cpus: list[int] | None = None,
+                      dtype: str = "bfloat16") -> dict[str, str]:
     """vLLM's CPU backend settings for this machine and model (environment variables, as vLLM reads them).
 
     - `VLLM_CPU_OMP_THREADS_BIND`: every core this process may use, and `VLLM_CPU_NUM_OF_RESERVED_CPU`: 0. vLLM
@@ -185,7 +204,10 @@ def vllm_cpu_settings(model_folder: str, batch_size: int, cpus: list[int] | None
       user's choice); left on "auto" it keeps one core back for a front end. pkt-bench runs the engine in this
       process, where vLLM computes on torch's own threads: `VLLMTarget` sets those to the same cores.
     - `VLLM_CPU_KVCACHE_SPACE` (GiB): what a full batch needs, `batch_size` rows of `KV_TOKENS_PER_ROW` tokens
-      of keys and values in every layer (in 16 bits), instead of a fixed default sized for serving many users.
+      of keys and values in every layer (in the model's dtype: 4 bytes in float32, else 2), instead of a fixed
+      default sized for serving many users. The engine's `max_model_len` is set to `KV_TOKENS_PER_ROW` (or the
+      model's context, if shorter) to match: vLLM refuses a cache that cannot hold one request of the model's
+      full context (32,768 tokens for Qwen2.5, 1.75 GiB for the 1.5B in float32).
     """
     import json
     import os
@@ -194,7 +216,8 @@ def vllm_cpu_settings(model_folder: str, batch_size: int, cpus: list[int] | None
     config = json.loads((Path(model_folder) / "config.json").read_text())
     config = config.get("text_config", config)
     heads, head_dim = config["num_attention_heads"], head_size(config)
-    per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * 2  # K and V
+    width = 4 if dtype in ("float32", "fp32") else 2
+    per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * width  # K, V
     gib = max(1, math.ceil(batch_size * KV_TOKENS_PER_ROW * per_token / 2**30))
     return {"VLLM_CPU_OMP_THREADS_BIND": _ranges(cpus), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_CPU_KVCACHE_SPACE": str(gib)}

@@ -47,6 +47,7 @@ def resolve_model(name: str) -> ModelRef:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {name!r} holds no model (no config.json); give a HF model folder or hub id")
+        check_weights(path)
         return ModelRef(name, str(path.resolve()), folder_identity(path))
     if path.exists():
         raise UserError(f"model {name!r} is a file, not a folder; give a HF model folder or hub id")
@@ -55,6 +56,29 @@ def resolve_model(name: str) -> ModelRef:
         raise UserError(f"model folder {name!r} does not exist; give an existing HF model folder or a hub id "
                         f"like Qwen/Qwen2.5-0.5B-Instruct")
     return ModelRef(name, name, name)
+
+
+def check_weights(folder: Path) -> None:
+    """Stop before anything runs when a model folder has no weights, or a safetensors file whose header is
+    unreadable or promises more bytes than the file holds (a truncated or corrupt download)."""
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards and not any(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"model folder {str(folder)!r} has a config.json but no weights (*.safetensors or "
+                        f"pytorch_model*.bin); copy the whole model folder")
+    for shard in shards:
+        try:
+            with shard.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                if size > shard.stat().st_size:
+                    raise ValueError("header longer than the file")
+                header = json.loads(handle.read(size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            complete = 8 + size + end <= shard.stat().st_size
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, MemoryError):
+            complete = False
+        if not complete:
+            raise UserError(f"{shard} is corrupt or truncated (its safetensors header does not match the file); "
+                            f"download or copy the model again")
 
 
 def resolve_pair(name: str) -> tuple[str, str]:

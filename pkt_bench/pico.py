@@ -45,6 +45,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from pkt_bench.api import UserError
+
 PICO_VERSION = 3
 _SYLLABLES = ["ka", "zo", "rim", "bel", "tu", "nar", "qu", "fen", "lo", "dra", "vi", "mos", "xe", "pul", "gor", "sha"]
 _RELATIONS = ("lives in", "works as", "likes")
@@ -227,7 +229,15 @@ def ensure_built(name: str, config: PicoConfig = DEFAULT) -> Path:
     target = root / folder_name(name)
     if (target / "lineage.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return _build_in(name, config, root, target)
+    except PermissionError as error:
+        raise UserError(f"cannot build {name} in the model cache {root.parent} ({error.strerror}: {error.filename}); "
+                        f"make it writable or set PKT_BENCH_CACHE to a writable folder") from None
+
+
+def _build_in(name: str, config: PicoConfig, root: Path, target: Path) -> Path:
     with _lock(root.parent / f"{root.name}.lock"), _terminate_cleanly():
         recipe = RECIPES[name]
         if recipe.parent:

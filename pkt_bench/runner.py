@@ -185,6 +185,7 @@ def run(spec: RunSpec, store: ResultStore, *, force: bool = False, console: Cons
     console = console or Console(stderr=True, soft_wrap=True)
     _quiet_libraries()
     cells = plan(spec)
+    store.check_writable()
     check_records(cells, store, force)
     check_checkout()
     method, pair = cells[0].method, cells[0].pair

@@ -175,6 +175,8 @@ class RunSpec:
             value = getattr(self, key)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise SpecKeyError(key, f"spec key '{key}' must be a {kind.__name__}, got {value!r}")
+        if not 0 <= self.seed < 2**32:
+            raise SpecKeyError("seed", f"spec key 'seed' must be an integer from 0 to 2**32 - 1, got {self.seed}")
         if not self.tasks or not all(isinstance(task, str) for task in self.tasks):
             raise SpecKeyError("tasks", f"spec key 'tasks' must be a non-empty list of task names, got {self.tasks!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit <= 0):

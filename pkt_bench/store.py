@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pkt_bench.api import UserError
+
+from pkt_bench.api import UserError
 from pkt_bench.spec import SCHEMA_VERSION
 
 
@@ -33,6 +35,22 @@ class ResultStore:
         self.root = Path(root)
         self.records_dir = self.root / "records"
         self.cache_dir = self.root / "cache"
+
+    def check_writable(self) -> None:
+        """Stop before any cell runs when records cannot be written here: the root is a file, or a folder this
+        process may not write (nothing is created by the check)."""
+        import os
+
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--results {str(self.root)!r} is a file, not a folder; give a folder for the records")
+        written = [p for p in (self.root, self.records_dir, self.cache_dir, self.root / "artifacts",
+                               self.root / "logs") if p.is_dir()]
+        if not written:  # not made yet: its nearest existing parent must take it
+            written = [next(p for p in self.root.resolve().parents if p.exists())]
+        for folder in written:
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"results folder {str(self.root)!r} is not writable ({folder} is read-only); make "
+                                f"it writable or pass another --results")
 
     def path(self, key: str) -> Path:
         return self.records_dir / f"{key}.json"

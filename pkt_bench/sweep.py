@@ -338,6 +338,7 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
     from pkt_bench.runner import check_checkout
 
     check_checkout()  # once here, before any worker starts
+    store.check_writable()
     results = str(store.root.resolve())
     plugins = tuple(str(Path(p).resolve()) for p in plugins)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -99,3 +99,83 @@ def test_an_unreadable_record_is_named_before_any_cell_and_force_overwrites_it(p
         f"with --force to overwrite it, or delete the file"]
     check_records(cells, store, force=True)  # --force: the cell runs and its record replaces the broken one
     assert store.get(cells[0].key, unreadable_ok=True) is None
+
+
+def _more_cases(tiny, tmp):
+    """The inputs that ended in a traceback before (issue 25, item 7)."""
+    no_weights = tmp / "no-weights"
+    shutil.copytree(tiny["llama-teacher"], no_weights)
+    for weights in no_weights.glob("*.safetensors"):
+        weights.unlink()
+    truncated = tmp / "truncated"
+    shutil.copytree(tiny["llama-teacher"], truncated)
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    garbage = tmp / "garbage"
+    shutil.copytree(tiny["llama-teacher"], garbage)
+    next(garbage.glob("*.safetensors")).write_bytes(b"\xff" * 64)
+    (tmp / "a-file").write_text("not a folder")
+    return {
+        "weights missing": (["run", "--teacher", str(no_weights)], "has a config.json but no weights"),
+        "truncated weights": (["run", "--teacher", str(truncated)], "is corrupt or truncated"),
+        "corrupt weights": (["run", "--teacher", str(garbage)], "is corrupt or truncated"),
+        "negative seed": (["run", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1, got -1"),
+        "empty task name": (["run", "--task", "probe,,gsm8k"], "empty name in 'probe,,gsm8k'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["weights missing", "truncated weights", "corrupt weights", "negative seed",
+                                  "empty task name"])
+def test_inputs_that_ended_in_a_traceback_now_get_one_line(case, tiny_models, pico_pair, results, tmp_path):
+    args, expected = _more_cases(tiny_models, tmp_path)[case]
+    before = tree_digest(results)
+    done = cli(*args, "--results", str(results))
+    message = done.stderr.strip()
+    assert done.returncode == 2 and "\n" not in message and expected in message, message
+    assert tree_digest(results) == before
+
+
+def test_results_that_is_a_file_or_read_only_is_refused_before_any_cell(pico_pair, results, tmp_path):
+    import os
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for command in (["run"], ["leaderboard"]):
+        done = cli(*command, "--results", str(a_file))
+        assert done.returncode == 2 and "is a file, not a" in done.stderr and "\n" not in done.stderr.strip()
+    assert a_file.read_text() == "not a folder"
+    from pkt_bench.api import UserError
+
+    store = ResultStore(results)
+    store.check_writable()
+    real = os.access
+    with pytest.MonkeyPatch.context() as patch:  # as root nothing is read-only: the check as it reads the folder
+        patch.setattr("pkt_bench.store.os.access", lambda p, mode: real(p, mode) and p != results / "records")
+        with pytest.raises(UserError, match="is not writable .*records is read-only"):
+            store.check_writable()
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only folders: the CLI half needs another user")
+    before = tree_digest(results)
+    for folder in (results, results / "records"):
+        folder.chmod(0o555)
+    try:
+        done = cli("run", "--results", str(results))
+    finally:
+        for folder in (results, results / "records"):
+            folder.chmod(0o755)
+    assert done.returncode == 2 and "is not writable" in done.stderr and tree_digest(results) == before
+
+
+def test_a_read_only_model_cache_is_one_line(tmp_path, monkeypatch):
+    from pkt_bench import pico
+    from pkt_bench.api import UserError
+
+    monkeypatch.setenv("PKT_BENCH_CACHE", str(tmp_path / "cache"))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cache" / "lineage.json"))
+
+    monkeypatch.setattr(pico.Path, "mkdir", refuse)
+    with pytest.raises(UserError, match="cannot build pico-student in the model cache .* make it writable or set "
+                                        "PKT_BENCH_CACHE"):
+        pico.ensure_built("student")

@@ -236,3 +236,45 @@ def test_auto_picks_vllm_for_a_pair_it_serves_and_says_why_not_otherwise(models,
     backend, why = resolve_backend("auto", small_heads)
     assert backend == "hf" and "no kernel for head size 16" in why
     assert resolve_backend("hf", served) == ("hf", "as asked")
+
+
+def test_each_engine_gets_its_own_kv_cache_and_context_and_a_users_setting_wins(tmp_path, monkeypatch):
+    """One process evaluates the student, then the teacher: the teacher's engine must get the teacher's KV cache
+    (pkt-bench's own earlier setting is replaced; vLLM's frozen copy of the variables is released), sized in the
+    dtype's width, with max_model_len bounded so one request of it fits. No engine starts: vLLM's lm-eval class is
+    replaced by one that records what it was given."""
+    import json
+
+    from pkt_bench import evaluate
+
+    def folder(name, layers, kv_heads, head_dim, context):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({
+            "num_hidden_layers": layers, "num_attention_heads": 12, "num_key_value_heads": kv_heads,
+            "hidden_size": 12 * head_dim, "max_position_embeddings": context}))
+        return str(path)
+
+    # the Qwen2.5-Coder pair's shapes: 1.5B 28 layers x 2 KV heads x 128; 0.5B 24 x 2 x 64
+    teacher, student = folder("teacher", 28, 2, 128, 32768), folder("student", 24, 2, 64, 32768)
+    assert evaluate.vllm_cpu_settings(teacher, 16, [0], dtype="float32")["VLLM_CPU_KVCACHE_SPACE"] == "4"  # 3.5 GiB
+    assert evaluate.vllm_cpu_settings(teacher, 16, [0], dtype="bfloat16")["VLLM_CPU_KVCACHE_SPACE"] == "2"  # 1.75
+    seen = []
+
+    class Recorder:
+        def __init__(self, pretrained, **settings):
+            seen.append((pretrained, dict(settings), os.environ["VLLM_CPU_KVCACHE_SPACE"]))
+
+    monkeypatch.setattr(evaluate, "_lm_eval_vllm_class", lambda: Recorder)
+    monkeypatch.setattr(evaluate, "_SET_HERE", {})
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    for model in (student, teacher):
+        evaluate.VLLMTarget(Artifact(kind="model", path=model), "cpu", "float32").lm_eval_model()
+    assert [space for *_, space in seen] == ["2", "4"]  # the teacher's own (fp32), not the student's left over
+    assert all(settings["max_model_len"] == 4096 for _, settings, _ in seen)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")  # the user's
+    evaluate.VLLMTarget(Artifact(kind="model", path=teacher), "cpu", "float32").lm_eval_model()
+    assert seen[-1][2] == "7"
+    short = folder("short", 2, 2, 16, 128)  # a model whose context is shorter than the default bound
+    evaluate.VLLMTarget(Artifact(kind="model", path=short), "cpu", "float32").lm_eval_model()
+    assert seen[-1][1]["max_model_len"] == 128
