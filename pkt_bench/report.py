@@ -358,7 +358,7 @@ def _named(record: dict[str, Any]) -> dict[str, Any]:
 
 def _commits(records: list[dict[str, Any]]) -> str:
     """The pkt-bench commits records were made from, compactly: the one, or how many and the most used."""
-    counts = Counter(r["environment"].get("git_commit") or "unknown" for r in records)
+    counts = Counter((r["environment"].get("git_commit") or "unknown")[:12] for r in records)
     if len(counts) <= 1:
         return f"commit {next(iter(counts), 'n/a')}"
     top, n = counts.most_common(1)[0]
@@ -377,8 +377,13 @@ def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any
     pending = [c for c in outcome.cells if not store.path(c.key).exists() and c.label not in outcome.failed]
     if pending:
         methods: dict[tuple[str, int], list[str]] = defaultdict(list)
+        from pkt_bench.registry import METHODS
+
         for c in pending:
-            methods[(c.spec.tasks[0], c.spec.seed)].append(c.spec.method)
+            trains = METHODS.get(c.spec.method).cls.fine_tunes  # only these read transfer_data and select
+            data = ", ".join(([] if c.spec.transfer_data == "gold" or not trains else [f"{c.spec.transfer_data} data"])
+                             + (["lr selected"] if c.spec.select and trains else []))
+            methods[(c.spec.tasks[0], c.spec.seed)].append(c.spec.method + (f" ({data})" if data else ""))
         failed += (f"\n**Incomplete: {len(pending)} of {len(outcome.cells)} cells have no record yet** and are "
                    f"missing from the tables: " + "; ".join(f"{task} seed {seed}: {', '.join(names)}"
                                                             for (task, seed), names in methods.items()) + ".\n")
@@ -427,8 +432,10 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
     b = grid.base.budget
     pairs = "; ".join(grid.pair_name(t, s) for t, s in grid.pairs)
     seeds = sorted({r["seed"] for r in records if r["method"] not in ("student", "teacher")})
-    have = (f"seeds with records: {', '.join(map(str, seeds))} of {', '.join(map(str, grid.seeds))}"
-            if seeds != grid.seeds else f"seeds {', '.join(map(str, grid.seeds))}")
+    planned = ", ".join(map(str, grid.seeds))
+    have = (f"seeds {planned}" if seeds == grid.seeds else
+            f"seeds with records: {', '.join(map(str, seeds))} of {planned}" if seeds else
+            f"no method records yet (seeds {planned} planned)")
     parts = [f"## {grid.name}: {pairs}", "",
              f"Tasks {', '.join(grid.tasks)}, evaluated on {_items(grid.base.limit)}; {have}; transfer data "
              f"{grid.base.transfer_data}; budget for methods that fine-tune: {b.examples} "
