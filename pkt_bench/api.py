@@ -17,6 +17,7 @@ their functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -205,11 +206,7 @@ class TransferContext:
         """`examples` written in the run's transfer format (`pkt_bench.formats.render`)."""
         from pkt_bench.formats import render
 
-        tokenizer = None
-        if self.transfer_format == "chat_template":
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.pair.student.path)
+        tokenizer = _tokenizer(self.pair.student.path) if self.transfer_format == "chat_template" else None
         return [render(example, self.transfer_format, tokenizer, self.task) for example in examples]
 
     def cached(self, kind: str, identity: dict[str, Any], build: Callable[[Path], None]) -> Path:
@@ -259,3 +256,11 @@ class TransferContext:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         return Artifact(kind="adapter", path=str(path), base=self.pair.student.path)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Any:
+    """The student's tokenizer, loaded once per process (rendering runs per generation round and per fine-tune)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
