@@ -397,10 +397,10 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
     selection = None
     with meter.stage("transfer"):
         if cell.selects:  # one transfer per learning rate, the best on the validation split goes on
-            from pkt_bench.selection import select_lr, trial_budget
+            from pkt_bench.selection import select_lr
 
             artifact, ctx, selection = select_lr(
-                lambda lr, i: context(trial_budget(cell.spec.budget, lr), workdir / f"trial-{i}"), method.transfer,
+                lambda lr, i: context(dataclasses.replace(cell.spec.budget, lr=lr), workdir / f"trial-{i}"), method.transfer,
                 cell.spec.select, cell.spec.eval_batch_size, cell.spec.vllm_args)
         else:
             ctx = context(cell.spec.budget, workdir)

@@ -15,7 +15,6 @@ count every trial.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from pkt_bench.api import Artifact, UserError
@@ -109,8 +108,3 @@ def select_lr(make_ctx, transfer, select: dict[str, Any], eval_batch_size: int,
     record = {"on": "validation", "examples": len(ids), "validation_ids": ids, "trials": trials,
               "winner": {"lr": trials[best]["lr"]}}
     return artifacts[best], winner, record
-
-
-def trial_budget(budget: Any, lr: float) -> Any:
-    """The run's budget with the trial's learning rate."""
-    return dataclasses.replace(budget, lr=lr)
