@@ -11,13 +11,11 @@ Vocabulary used across pkt-bench:
 - *cell*: one (method + config, pair, task, seed) combination; it yields one result record.
 
 This module imports no torch, so listing plugins stays cheap: methods and tasks import heavy modules inside
-their functions.
+their functions. It imports nothing of pkt_bench either: it is the ground floor every other module stands on.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -25,11 +23,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
     from pathlib import Path
-
-    from pkt_bench.finetune import TrainStats
-    from pkt_bench.models import ModelPair
-    from pkt_bench.spec import Budget
-    from pkt_bench.stages import StageMeter
 
 ROLES = ("seed", "align", "train")
 VALIDATION_LOSS_EXAMPLES = 32
@@ -164,50 +157,35 @@ class TransferMethod(Protocol):
     def transfer(self, ctx: TransferContext) -> Artifact: ...
 
 
-@dataclass
-class TransferContext:
-    """Everything a method may use while transferring; the one place that hands out data, budget and stages."""
+class TransferContext(Protocol):
+    """Everything a method may use while transferring; the one place that hands out data, budget and stages.
 
-    pair: ModelPair
+    The runner hands each method a `pkt_bench.context.RunContext`, which implements this interface.
+    """
+
+    pair: Any  # pkt_bench.models.ModelPair: teacher and student, `pair.load("student") -> (model, tokenizer)`
     task: Task
-    budget: Budget
+    budget: Any  # pkt_bench.spec.Budget: the fine-tuning budget shared by every method of a comparison
     seed: int
     workdir: Path
-    meter: StageMeter
-    costs: dict[str, int] = field(default_factory=dict)
-    task_name: str = ""
-    data_dir: str | None = None
-    cache_dir: Path | None = None
-    backend: str = "hf"
-    transfer_format: str = "task"  # resolved (pkt_bench.formats): how `examples` writes the task's examples out
-    transfer_data: str = "gold"  # SOURCES: whose answers the train role holds (pkt_bench.transferdata)
-    training: list[dict[str, Any]] = field(default_factory=list)  # each fine-tuning run's stats, for the record
-    data: dict[str, Any] = field(default_factory=dict)  # what the train role held (source, counts, hash), for the record
+    costs: dict[str, int]  # what the transfer spent (passes, tokens, steps), added to by the services below
+    task_name: str
+    transfer_format: str  # resolved (pkt_bench.formats): how `examples` writes the task's examples out
+    transfer_data: str  # SOURCES: whose answers the train role holds (pkt_bench.transferdata)
 
     def stage(self, name: str) -> AbstractContextManager[None]:
         """Time a stage ("extract", "fine-tune", ...) with its peak memory; the rest counts as "transfer"."""
-        return self.meter.stage(name)
+        ...
 
     def examples(self, role: str, n: int | None = None, seed: int | None = None) -> list[Example]:
         """`n` examples of `role` (all when None), a sample fixed by `seed` (default: the run's seed), written in
         the run's transfer format. With `transfer_data` other than gold, the train role is the `n` generated
         examples (`pkt_bench.transferdata`), the same for every seed and method."""
-        from pkt_bench.data import sample
-        from pkt_bench.transferdata import generated, record
-
-        if role == "train" and self.transfer_data != "gold":
-            return generated(self, self.transfer_data, n if n is not None else self.budget.examples)
-        chosen = self.render(sample(self.task.transfer_data(role), n, self.seed if seed is None else seed))
-        if role == "train":
-            self.data = record("gold", chosen, tried=len(chosen))
-        return chosen
+        ...
 
     def render(self, examples: Sequence[Example]) -> list[Example]:
         """`examples` written in the run's transfer format (`pkt_bench.formats.render`)."""
-        from pkt_bench.formats import render
-
-        tokenizer = _tokenizer(self.pair.student.path) if self.transfer_format == "chat_template" else None
-        return [render(example, self.transfer_format, tokenizer, self.task) for example in examples]
+        ...
 
     def cached(self, kind: str, identity: dict[str, Any], build: Callable[[Path], None]) -> Path:
         """The folder `build(folder)` fills, built once per content hash and reused afterwards.
@@ -218,49 +196,23 @@ class TransferContext:
         states what its result cost; `costs["reused"]` counts the reuses. With no cache dir (`pkt-bench
         extract`), the folder is built fresh inside the workdir.
         """
-        from pkt_bench.cache import cached
-
-        return cached(self, kind, identity, build)
+        ...
 
     def finetune(self, model: Any, tokenizer: Any, examples: list[Example] | None = None,
-                 objective: Callable[[Any, dict], Any] | None = None) -> TrainStats:
-        """Train `model`'s trainable parameters (a PEFT model) with the shared loop, under the run's budget.
+                 objective: Callable[[Any, dict], Any] | None = None) -> Any:
+        """Train `model`'s trainable parameters (a PEFT model) with the shared loop, under the run's budget; return
+        its `pkt_bench.finetune.TrainStats`.
 
         `examples` defaults to the budget's sample of the task's train data; a method that rewrites the responses
         (distillation) passes its own, at most as many. `objective(model, batch)` replaces the cross-entropy: see
         `pkt_bench.finetune`.
         """
-        from pkt_bench.finetune import finetune
-
-        if examples is None:
-            examples = self.examples("train", self.budget.examples)
-        validation = self.render(getattr(self.task, "validation_data", list)()[:VALIDATION_LOSS_EXAMPLES])
-        with self.stage("fine-tune"):
-            stats = finetune(model, tokenizer, examples[: self.budget.examples], self.budget, self.seed, objective,
-                             validation)
-        self.costs["examples_seen"] = self.costs.get("examples_seen", 0) + stats.examples_seen
-        self.costs["optimizer_steps"] = self.costs.get("optimizer_steps", 0) + stats.optimizer_steps
-        self.training.append(dataclasses.asdict(stats))
-        return stats
+        ...
 
     def save_merged(self, model: Any, tokenizer: Any) -> Artifact:
         """Merge a PEFT model's adapter into its base and save the whole model (for inits that change the base)."""
-        path = self.workdir / "model"
-        model.merge_and_unload().save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        return Artifact(kind="model", path=str(path))
+        ...
 
     def save_adapter(self, model: Any, tokenizer: Any) -> Artifact:
         """Save a PEFT model's adapter (and the tokenizer) into the workdir; return it as an artifact."""
-        path = self.workdir / "adapter"
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        return Artifact(kind="adapter", path=str(path), base=self.pair.student.path)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str) -> Any:
-    """The student's tokenizer, loaded once per process (rendering runs per generation round and per fine-tune)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+        ...

@@ -25,7 +25,8 @@ from typing import Any
 
 from rich.console import Console
 
-from pkt_bench.api import Task, TransferContext, UserError
+from pkt_bench.api import Task, UserError
+from pkt_bench.context import RunContext
 from pkt_bench.environment import environment
 from pkt_bench.evaluate import NEUTRAL_ENGINE_ARGS, check_backend, make_target, resolve_backend
 from pkt_bench.models import ModelPair, ModelRef, context_length
@@ -277,7 +278,7 @@ def extract(spec: RunSpec, out: Path, console: Console | None = None) -> dict[st
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
-        ctx = TransferContext(pair, task, spec.budget, spec.seed, partial, StageMeter(), task_name=task_entry.name,
+        ctx = RunContext(pair, task, spec.budget, spec.seed, partial, StageMeter(), task_name=task_entry.name,
                               data_dir=spec.data_dir, transfer_format=transfer_format)
         method.cls(config).extract(ctx, partial)
         if out.exists():
@@ -386,8 +387,8 @@ def _run_cell(cell: Cell, store: ResultStore, force: bool, console: Console,
 def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[str, Any], key: str, label: str,
              workdir: Path, meter: StageMeter) -> CellOutcome:
     """Transfer, evaluate and store one cell, measuring its stages with `meter`."""
-    def context(budget, folder: Path) -> TransferContext:
-        return TransferContext(cell.pair, cell.task, budget, cell.seed, folder, meter,
+    def context(budget, folder: Path) -> RunContext:
+        return RunContext(cell.pair, cell.task, budget, cell.seed, folder, meter,
                                task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
                                backend=cell.spec.backend, transfer_format=cell.transfer_format,
                                transfer_data=cell.spec.transfer_data if cell.method.cls.fine_tunes else "gold")

@@ -66,9 +66,9 @@ def validation_score(ctx: TransferContext, artifact: Artifact, examples: int, ev
     gold = ctx.task.validation_data()[:examples]
     chat = bool(getattr(getattr(ctx.task, "config", None), "chat_template", False))
     written_as = "chat_template" if chat else "task"  # as the evaluation writes its prompts
-    from pkt_bench.api import _tokenizer
+    from pkt_bench.context import student_tokenizer
 
-    tokenizer = _tokenizer(ctx.pair.student.path) if chat else None
+    tokenizer = student_tokenizer(ctx.pair.student.path) if chat else None
     prompts = [render(example, written_as, tokenizer, ctx.task).prompt for example in gold]
     settings = generation_settings(ctx.task, written_as)
     target = make_target(artifact, ctx.backend, ctx.pair.device, ctx.pair.dtype, eval_batch_size, engine_args)

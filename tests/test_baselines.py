@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import cli
 
-from pkt_bench.api import Example, TransferContext, UserError
+from pkt_bench.api import Example, UserError
+from pkt_bench.context import RunContext
 from pkt_bench.methods.distill import GENERATIONS, Distill, DistillConfig
 from pkt_bench.methods.lora import LoRA, LoRAConfig
 from pkt_bench.methods.sensitivity import Sensitivity, SensitivityConfig
@@ -32,7 +33,7 @@ def context(tiny_models, tmp_path, family="llama", **budget):
     pair = ModelPair.resolve(str(tiny_models[f"{family}-teacher"]), str(tiny_models[f"{family}-student"]))
     workdir = tmp_path / "work"
     workdir.mkdir(exist_ok=True)
-    return TransferContext(pair, CountingTask(), Budget(**budget), 0, workdir, StageMeter(), task_name="counting",
+    return RunContext(pair, CountingTask(), Budget(**budget), 0, workdir, StageMeter(), task_name="counting",
                            cache_dir=tmp_path / "cache")
 
 

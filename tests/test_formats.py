@@ -6,7 +6,8 @@ import json
 import pytest
 from helpers import tiny_model
 
-from pkt_bench.api import Example, TransferContext, UserError
+from pkt_bench.api import Example, UserError
+from pkt_bench.context import RunContext
 from pkt_bench.formats import check, render, resolve
 from pkt_bench.models import ModelPair
 from pkt_bench.runner import plan
@@ -82,7 +83,7 @@ def test_context_hands_out_examples_in_the_runs_format(tiny_models, tmp_path):
 
     pair = ModelPair.resolve(str(tiny_models["llama-teacher"]), str(tiny_models["llama-student"]))
     for name in ("paper", "task"):
-        ctx = TransferContext(pair, Words(), Budget(), 0, tmp_path, StageMeter(), transfer_format=name)
+        ctx = RunContext(pair, Words(), Budget(), 0, tmp_path, StageMeter(), transfer_format=name)
         assert ctx.examples("seed") == [render(EXAMPLE, name)]
 
 
@@ -111,7 +112,7 @@ def test_distillation_stops_the_teachers_answers_where_the_format_ends_them(tiny
     monkeypatch.setattr(Distill, "generate", staticmethod(generate))
     pair = ModelPair.resolve(str(tiny_models["llama-teacher"]), str(tiny_models["llama-student"]))
     for name in ("task", "paper"):
-        ctx = TransferContext(pair, OneLine(), Budget(examples=1, epochs=1, batch_size=1), 0, tmp_path / name,
+        ctx = RunContext(pair, OneLine(), Budget(examples=1, epochs=1, batch_size=1), 0, tmp_path / name,
                               StageMeter(), transfer_format=name)
         Distill(DistillConfig()).transfer(ctx)
     assert seen == {"task": ["\n"], "paper": ["<|user|>"]}

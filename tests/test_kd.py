@@ -7,7 +7,8 @@ import torch
 from test_baselines import CountingTask, lora_factors
 from test_baselines import context as baseline_context
 
-from pkt_bench.api import TransferContext, UserError
+from pkt_bench.api import UserError
+from pkt_bench.context import RunContext
 from pkt_bench.finetune import response_logits
 from pkt_bench.methods.hidden_kd import HiddenKD, HiddenKDConfig, hidden_objective
 from pkt_bench.methods.kd import KD, KDConfig, OnlineTeacher, kl_divergence
@@ -84,7 +85,7 @@ def test_a_pair_without_a_shared_vocabulary_stops_before_any_work(tiny_models, t
                      resolve_model(str(tiny_models["llama-other-vocab"])), "cpu", "float32")
     workdir = tmp_path / "work"
     workdir.mkdir()
-    ctx = TransferContext(pair, CountingTask(), Budget(), 0, workdir, StageMeter(), task_name="counting",
+    ctx = RunContext(pair, CountingTask(), Budget(), 0, workdir, StageMeter(), task_name="counting",
                           cache_dir=tmp_path / "cache")
     with pytest.raises(UserError, match="different vocabularies") as error:
         method.check(pair)  # the runner calls it in plan(), before any cell

@@ -20,7 +20,8 @@ from helpers import REPO, cli, tiny_model
 from transformers import AutoModelForCausalLM
 
 from pkt_bench import pico
-from pkt_bench.api import TransferContext, UserError
+from pkt_bench.api import UserError
+from pkt_bench.context import RunContext
 from pkt_bench.models import ModelPair, ModelRef
 from pkt_bench.pruning import Kept, choose, cut, prune, source
 from pkt_bench.spec import Budget
@@ -112,7 +113,7 @@ def test_the_ladder_records_lineage_and_its_students_are_at_chance(ladder):
 def context(ladder, teacher, student, tmp_path):
     pair = ModelPair(ModelRef(teacher, str(ladder[teacher]), teacher), ModelRef(student, str(ladder[student]), student),
                      "cpu", "float32")
-    return TransferContext(pair, None, Budget(), 0, tmp_path, StageMeter())
+    return RunContext(pair, None, Budget(), 0, tmp_path, StageMeter())
 
 
 def graft(ctx, **options):

@@ -6,7 +6,8 @@ from helpers import cli, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pkt_bench.api import Example, TransferContext, UserError
+from pkt_bench.api import Example, UserError
+from pkt_bench.context import RunContext
 from pkt_bench.methods.laten import LaTen, LaTenConfig, align, locate
 from pkt_bench.models import ModelPair
 from pkt_bench.registry import METHODS
@@ -134,7 +135,7 @@ def test_injection_changes_only_the_selected_rows_and_columns(pico_pair):
 
 def probe_context(pico_pair, tmp_path):
     pair = ModelPair.resolve(str(pico_pair / "teacher"), str(pico_pair / "student"))
-    return TransferContext(pair, Probe(), Budget(), 0, tmp_path, StageMeter(), task_name="probe")
+    return RunContext(pair, Probe(), Budget(), 0, tmp_path, StageMeter(), task_name="probe")
 
 
 def test_one_step_moves_the_translator_and_not_the_student(pico_pair):
@@ -202,7 +203,7 @@ def test_qwen2_pair_with_gqa_other_head_sizes_and_tied_embeddings_runs_through(t
             return [Example(f"w{i} w{i + 1}", f" w{i + 2} w{i + 3}.", str(i)) for i in range(8)]
 
     pair = ModelPair.resolve(str(tiny_models["qwen2-teacher"]), str(tiny_models["qwen2-student"]))
-    ctx = TransferContext(pair, Words(), Budget(), 0, tmp_path, StageMeter(), task_name="words")
+    ctx = RunContext(pair, Words(), Budget(), 0, tmp_path, StageMeter(), task_name="words")
     config = LaTenConfig(transfer_rate=0.25, steps=2, align_batch=3, translator_init_std=0.05, lr=1e-2)
     artifact = LaTen(config).transfer(ctx)
     folder = tmp_path / "laten-extract"

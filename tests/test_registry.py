@@ -124,3 +124,30 @@ def test_cli_unknown_method_exits_2_with_one_line():
     done = cli("list", "methdos")
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "pkt-bench list methods" in done.stderr
+
+
+def imports_of(path):
+    """The pkt_bench modules a file imports anywhere (top level, inside functions, under TYPE_CHECKING)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pkt_bench"):
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("pkt_bench"))
+    return names
+
+
+def test_the_interfaces_import_nothing_of_pkt_bench_so_no_import_circle_runs_through_them():
+    from pathlib import Path
+
+    import pkt_bench
+
+    api = Path(pkt_bench.__file__).parent / "api.py"
+    assert imports_of(api) == set()
+    # and the interfaces are what every other layer imports: the context, the runner, the methods
+    root = Path(pkt_bench.__file__).parent
+    for user in ("context.py", "runner.py", "methods/lora.py", "finetune.py"):
+        assert any(name.startswith("pkt_bench.api") for name in imports_of(root / user)), user

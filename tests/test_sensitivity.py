@@ -6,7 +6,8 @@ from helpers import cli, tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pkt_bench.api import Example, TransferContext, UserError
+from pkt_bench.api import Example, UserError
+from pkt_bench.context import RunContext
 from pkt_bench.finetune import encode
 from pkt_bench.methods.sensitivity import (Sensitivity, SensitivityConfig, cut, factorize, layer_map, matrix_key,
                                               max_block, select, sensitivity)
@@ -116,7 +117,7 @@ def test_layer_map_random_is_sorted_and_fixed_by_the_seed():
 
 def context(tiny_models, family, tmp_path, teacher=None, cache=None):
     pair = ModelPair.resolve(str(teacher or tiny_models[f"{family}-teacher"]), str(tiny_models[f"{family}-student"]))
-    return TransferContext(pair, WordsTask(), Budget(), 0, tmp_path, StageMeter(), task_name="words", cache_dir=cache)
+    return RunContext(pair, WordsTask(), Budget(), 0, tmp_path, StageMeter(), task_name="words", cache_dir=cache)
 
 
 def step0_gap(method, ctx, folder):
@@ -234,7 +235,7 @@ class ShortSeeds(WordsTask):
 
 def test_n_seeds_beyond_the_seed_role_come_from_the_train_pool_or_stop(tiny_models, tmp_path):
     pair = ModelPair.resolve(str(tiny_models["llama-teacher"]), str(tiny_models["llama-student"]))
-    ctx = TransferContext(pair, ShortSeeds(), Budget(), 0, tmp_path, StageMeter(), task_name="short")
+    ctx = RunContext(pair, ShortSeeds(), Budget(), 0, tmp_path, StageMeter(), task_name="short")
     seeds = Sensitivity(SensitivityConfig(n_seeds=7)).seeds(ctx)
     assert len(seeds) == 7 and len({s.id for s in seeds}) == 7 and ctx.costs["seeds_scored"] == 7
     assert {s.id for s in ShortSeeds().transfer_data("seed")} < {s.id for s in seeds}
@@ -250,7 +251,7 @@ def test_bf16_extraction_chooses_what_fp32_chooses(tiny_models, family, tmp_path
     for dtype in ("float32", "bfloat16"):
         pair = ModelPair.resolve(str(tiny_models[f"{family}-teacher"]), str(tiny_models[f"{family}-student"]),
                                  dtype=dtype)
-        ctx = TransferContext(pair, WordsTask(), Budget(), 0, tmp_path, StageMeter(), task_name="words")
+        ctx = RunContext(pair, WordsTask(), Budget(), 0, tmp_path, StageMeter(), task_name="words")
         (tmp_path / dtype).mkdir()
         Sensitivity(SensitivityConfig(n_seeds=8, rank=2)).extract(ctx, tmp_path / dtype)
         chosen[dtype] = json.loads((tmp_path / dtype / "selection.json").read_text())

@@ -9,7 +9,8 @@ import pytest
 from helpers import DATA, NO_DATA, tiny_model
 
 from pkt_bench import transferdata
-from pkt_bench.api import Example, TransferContext, UserError
+from pkt_bench.api import Example, UserError
+from pkt_bench.context import RunContext
 from pkt_bench.formats import render
 from pkt_bench.models import ModelPair
 from pkt_bench.spec import Budget
@@ -57,7 +58,7 @@ class Target:
 
 def context(tmp_path, pico_pair, task, source, seed=0):
     pair = ModelPair.resolve("pico-teacher", "pico-student", "cpu", "float32")
-    return TransferContext(pair, task, Budget(examples=10), seed, tmp_path / f"work{seed}", StageMeter(),
+    return RunContext(pair, task, Budget(examples=10), seed, tmp_path / f"work{seed}", StageMeter(),
                            task_name="marked", cache_dir=tmp_path / "cache", transfer_format="task",
                            transfer_data=source)
 
