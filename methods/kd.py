@@ -8,11 +8,15 @@ response token
 where z_T are the teacher's logits on the same tokens, computed on the fly without gradients (teacher and
 student are held at once), and the KL runs over the shared vocabulary (the first len(tokenizer) logits: a head
 padded past the tokenizer, as Qwen's, keeps its padding out). T² keeps the KL's gradient on the scale of the CE's
-(Hinton et al.). With β = 0 the loss is `lora`'s, term for term. Picks the papers leave open: β = 0.5 and T = 2
-(Hinton's usual values; Seeking gives none); the teacher runs once per example per epoch, and is counted so
-(`teacher_forward`, `teacher_tokens`).
+(Hinton et al.). With β = 0 the loss is `lora`'s, term for term. The teacher runs once per example per epoch, and
+is counted so (`teacher_forward`, `teacher_tokens`); the record keeps both terms per token at the first
+micro-batch (`training[].loss_terms_at_first_step`).
 
-`OnlineTeacher`, `shared_vocab` and `kl_divergence` serve `hidden-kd` and `semalign` too.
+Defaults, with their sources (Seeking gives none for its KD baseline): β = 0.5 and T = 2 are the defaults of the
+DistilBERT / DistilGPT-2 training script (Sanh et al. 2019, `transformers/examples/research_projects/distillation`:
+`--alpha_ce 0.5 --alpha_clm 0.5 --temperature 2.0`, the same T² scaling). Hinton et al. set no single value (T up to
+20 on MNIST, and a considerably lower weight on the hard-label term). LLM distillation baselines (MiniLLM, DistiLLM,
+GKD) use T = 1, the convention for generative students: `-o temperature=1`.
 """
 
 from __future__ import annotations
@@ -82,17 +86,29 @@ class Distillation:
 
     def __init__(self, teacher: OnlineTeacher, beta: float, temperature: float, vocab: int):
         self.teacher, self.beta, self.temperature, self.vocab = teacher, beta, temperature, vocab
+        self.first_terms: dict[str, float] = {}
 
     def __call__(self, model, batch):
-        import torch.nn.functional as F
-
         from pkt_bench.finetune import response_logits
 
         teacher_logits, _ = self.teacher(batch)  # first: its activations are gone before the student's graph exists
         logits, targets = response_logits(model, batch)
-        ce = F.cross_entropy(logits.float(), targets, reduction="sum")
-        kl = kl_divergence(teacher_logits[:, : self.vocab], logits[:, : self.vocab], self.temperature)
-        return (1 - self.beta) * ce + self.beta * self.temperature**2 * kl
+        loss, ce, kl = kd_loss(logits, teacher_logits, targets, self.beta, self.temperature, self.vocab)
+        if not self.first_terms:
+            n = max(len(targets), 1)
+            self.first_terms = {"ce": ce.item() / n, "kl": kl.item() / n, "beta": self.beta,
+                                "temperature": self.temperature}
+        return loss
+
+
+def kd_loss(student_logits, teacher_logits, targets, beta: float, temperature: float, vocab: int):
+    """(L, CE, KL), each summed over the rows: L = (1 − β)·CE(z_S, y) + β·T²·KL(softmax(z_T / T) ‖ softmax(z_S / T)),
+    the KL over the first `vocab` columns. Logits [N, V], targets [N]."""
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+    kl = kl_divergence(teacher_logits[:, :vocab], student_logits[:, :vocab], temperature)
+    return (1 - beta) * ce + beta * temperature**2 * kl, ce, kl
 
 
 @dataclass

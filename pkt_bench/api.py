@@ -137,7 +137,8 @@ class TransferMethod(Protocol):
     whose fields carry their help text in `field(metadata={"help": ...})`.
 
     `fine_tunes` says whether the method runs the shared fine-tuning loop; only then is the run's budget part
-    of the cell's identity. A method with nothing random sets `seeded = False` (the student and teacher as
+    of the cell's identity. A method sets `version` (a string, optional) when what it computes changes under the
+    same options: it is part of every record's key, so older records are not reused for the new computation. A method with nothing random sets `seeded = False` (the student and teacher as
     they are): it runs at seed 0 whatever the run's seed, so one record serves every seed. The name is the one given at registration (`@register_method("name")`); one class
     may be registered under several names with preset config values.
 

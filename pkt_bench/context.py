@@ -72,6 +72,8 @@ class RunContext(TransferContext):
         self.costs["examples_seen"] = self.costs.get("examples_seen", 0) + stats.examples_seen
         self.costs["optimizer_steps"] = self.costs.get("optimizer_steps", 0) + stats.optimizer_steps
         self.training.append(dataclasses.asdict(stats))
+        if getattr(objective, "first_terms", None):  # an objective's terms per token at its first micro-batch
+            self.training[-1]["loss_terms_at_first_step"] = dict(objective.first_terms)
         return stats
 
     def save_merged(self, model: Any, tokenizer: Any) -> Artifact:

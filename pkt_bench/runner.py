@@ -81,6 +81,8 @@ class Cell:
             "task_options": task_options_identity(self.task),
             "eval_batch_size": self.spec.eval_batch_size,
         }
+        if getattr(self.method.cls, "version", None):  # absent until a method's computation changes: older keys hold
+            cell["method_version"] = self.method.cls.version
         engine = {k: v for k, v in self.spec.vllm_args.items() if k not in NEUTRAL_ENGINE_ARGS}
         if engine:  # only settings that can change results; absent otherwise, so older keys stay valid
             cell["vllm_args"] = engine

@@ -1,0 +1,155 @@
+"""Tests that know the answer: each objective's value against one computed independently, in float64 from the
+written-out formula, on inputs where a reversed direction, a dropped or doubled factor, a wrong position or
+layer, or a sign flip changes the value. The model-level tests take their reference states and logits from
+transformers' own outputs (`output_hidden_states`, `.logits`), not from pkt-bench's taps and heads."""
+
+import copy
+
+import pytest
+import torch
+
+from pkt_bench.methods.hidden_kd import hidden_objective, hint_loss
+from pkt_bench.methods.kd import Distillation, OnlineTeacher, kd_loss
+from pkt_bench.models import ModelPair
+
+
+def softmax64(z):
+    """Row-wise softmax in float64, written out."""
+    z = z.double()
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def kd_reference(student, teacher, targets, beta, temperature, vocab):
+    """(1 − β)·Σ −log p_S(y) + β·T²·Σ_rows Σ_v p_T(v)·(log p_T(v) − log p_S(v)), p at temperature T over `vocab`."""
+    p_s_full = softmax64(student)
+    ce = -sum(torch.log(p_s_full[i, y]) for i, y in enumerate(targets.tolist()))
+    p_t, p_s = softmax64(teacher[:, :vocab] / temperature), softmax64(student[:, :vocab] / temperature)
+    kl = (p_t * (torch.log(p_t) - torch.log(p_s))).sum()
+    return (1 - beta) * ce + beta * temperature**2 * kl
+
+
+def test_kd_loss_is_the_written_formula():
+    generator = torch.Generator().manual_seed(0)
+    # 3 rows, 5 columns, the last one padding past the shared vocabulary of 4 (large, so keeping it changes the KL)
+    student = torch.randn(3, 5, generator=generator) * 2
+    teacher = torch.randn(3, 5, generator=generator) * 3
+    teacher[:, 4] = student[:, 4] = torch.tensor([6.0, -4.0, 5.0])
+    student[:, 4] = torch.tensor([-3.0, 5.0, 0.0])
+    targets = torch.tensor([0, 3, 1])
+    loss, ce, kl = kd_loss(student, teacher, targets, beta=0.3, temperature=2.0, vocab=4)
+    expected = kd_reference(student, teacher, targets, 0.3, 2.0, 4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the inputs tell the variants apart: the reversed KL, no T², T once more, β swapped, the padded column kept
+    variants = [kd_reference(teacher, student, targets, 0.3, 2.0, 4), kd_reference(student, teacher, targets, 0.3, 1.0, 4),
+                kd_reference(student, teacher, targets, 0.7, 2.0, 4), kd_reference(student, teacher, targets, 0.3, 2.0, 5)]
+    assert all(abs(v.item() - expected.item()) > 1e-2 * abs(expected.item()) for v in variants)
+    assert abs((0.7 * ce + 0.3 * kl).item() - expected.item()) > 1e-2  # T² dropped
+
+
+def response_rows(model, batch):
+    """transformers' own logits at the positions that predict a response token, and those tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    return logits[:, :-1][keep], targets[keep]
+
+
+def a_batch(tokenizer):
+    """Two rows, right-padded, loss on the responses only."""
+    rows = [("w1 w2 w3", " w4 w5 w6"), ("w7 w8", " w9")]
+    ids, labels = [], []
+    for prompt, response in rows:
+        p, r = tokenizer(prompt).input_ids, tokenizer(response, add_special_tokens=False).input_ids
+        ids.append(p + r)
+        labels.append([-100] * len(p) + r)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    return {"input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in ids]),
+            "labels": torch.tensor([row + [-100] * (width - len(row)) for row in labels]),
+            "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_kd_objective_on_models_matches_the_formula_on_their_own_logits(tiny_models, family):
+    pair = ModelPair.resolve(str(tiny_models[f"{family}-teacher"]), str(tiny_models[f"{family}-student"]))
+    (teacher, tokenizer), (student, _) = pair.load("teacher"), pair.load("student")
+    batch = a_batch(tokenizer)
+    vocab = len(tokenizer)
+    with torch.no_grad():
+        t_logits, targets = response_rows(teacher, batch)
+        s_logits, _ = response_rows(student, batch)
+    expected = kd_reference(s_logits, t_logits, targets, 0.3, 2.0, vocab)
+    objective = Distillation(OnlineTeacher(teacher, {}), 0.3, 2.0, vocab)
+    assert objective(student, batch).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert objective.first_terms["ce"] == pytest.approx(
+        kd_reference(s_logits, t_logits, targets, 0.0, 2.0, vocab).item() / len(targets), rel=1e-4)
+
+
+def test_hint_loss_is_the_written_formula():
+    generator = torch.Generator().manual_seed(1)
+    student = [torch.randn(3, 2, generator=generator) + 4, torch.randn(3, 2, generator=generator) * 50]  # [N, D_S]
+    teacher = [torch.randn(3, 3, generator=generator) - 2, torch.randn(3, 3, generator=generator) * 9]  # [N, D_T]
+    maps = [torch.nn.Linear(2, 3, bias=False) for _ in student]  # student -> teacher space
+    with torch.no_grad():
+        for w in maps:
+            w.weight.copy_(torch.randn(3, 2, generator=generator))
+
+    def normalized(h):
+        h = h.double()
+        return h / torch.sqrt((h**2).mean(-1, keepdim=True) + 1e-6)
+
+    def expected(flip=1.0):
+        terms = [((normalized(s) @ w.weight.double().T - flip * normalized(t)) ** 2).mean()
+                 for s, t, w in zip(student, teacher, maps)]
+        return sum(terms) / len(terms)
+
+    assert hint_loss(student, teacher, maps).item() == pytest.approx(expected().item(), rel=1e-5)
+    assert abs(expected(-1.0) - expected()).item() > 0.1  # the target's sign matters on these inputs
+    raw = sum(((s.double() @ w.weight.double().T - t.double()) ** 2).mean() for s, t, w in zip(student, teacher, maps)) / 2
+    assert abs(raw - expected()).item() > 0.1  # and the normalization does
+
+
+def layer_outputs(model):
+    """Each decoder layer's output (the residual stream, before the final norm), from transformers' own
+    `output_hidden_states` of a copy whose final norm is the identity."""
+    bare = copy.deepcopy(model)
+    bare.get_decoder().norm = torch.nn.Identity()
+    return lambda batch: bare(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=True).hidden_states[1:]
+
+
+def test_the_hidden_kd_objective_on_models_matches_the_formula_on_their_own_states(tiny_models):
+    pair = ModelPair.resolve(str(tiny_models["qwen2-teacher"]), str(tiny_models["qwen2-student"]))
+    (teacher, tokenizer), (student, _) = pair.load("teacher"), pair.load("student")
+    batch = a_batch(tokenizer)
+    objective = hidden_objective(OnlineTeacher(teacher, {}), 3, 2, 64, 32, 0.7, 0, "cpu")
+    with torch.no_grad():
+        t_states, s_states = layer_outputs(teacher)(batch), layer_outputs(student)(batch)
+        s_logits, targets = response_rows(student, batch)
+        keep = batch["attention_mask"].bool()
+        ce = -torch.log(softmax64(s_logits)[torch.arange(len(targets)), targets]).sum()
+
+        def n(h):
+            h = h[keep].double()
+            return h / torch.sqrt((h**2).mean(-1, keepdim=True) + 1e-6)
+
+        # ℓ_T(k) = ⌊k·L_T/L_S⌋: student layer 1 <- teacher layer 1, student 2 <- teacher 3 (1-based)
+        pairs = [(0, 0), (1, 2)]
+        mse = sum(((n(s_states[s]) @ w.weight.double().T - n(t_states[t])) ** 2).mean()
+                  for (s, t), w in zip(pairs, objective.maps)) / 2
+        expected = ce + 0.7 * mse * len(targets)
+        assert objective(student, batch).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert objective.first_terms["hidden_mse"] == pytest.approx(mse.item(), rel=1e-4)
+    assert objective.first_terms["ce"] == pytest.approx(ce.item() / len(targets), rel=1e-4)
+
+
+def test_a_method_version_enters_the_key_only_where_a_method_declares_one(pico_pair):
+    """hidden-kd's computation changed (version 2: the student mapped into the teacher's space, normalized states):
+    its records from version 1 must not be reused; methods without a version keep their older keys."""
+    from pkt_bench.runner import plan
+    from pkt_bench.spec import RunSpec
+
+    hidden = plan(RunSpec(method="hidden-kd"))[0].describe()
+    assert hidden["method_version"] == "2"
+    assert "method_version" not in plan(RunSpec(method="lora"))[0].describe()
