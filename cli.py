@@ -286,6 +286,8 @@ def sweep(
     allow_dirty: AllowDirty = False,
     only: Annotated[Optional[list[str]], typer.Option(help="run only this method's cells (and their tasks' "
                                                            "reference cells); repeatable")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option(help="run only this grid's cells (its `name:` in the YAML; "
+                                                           "and their tasks' reference cells); repeatable")] = None,
 ):
     """Run a grid of cells from a YAML file; rerunning it runs only the cells without a record."""
     _load_plugins(plugin)
@@ -294,7 +296,8 @@ def sweep(
     from pkt_bench.sweep import Sweep, run_sweep
 
     outcome = run_sweep(Sweep.load(config), ResultStore(results), executor=executor, max_parallel=max_parallel,
-                        plugins=tuple(str(p) for p in plugin or ()), only=tuple(only or ()))
+                        plugins=tuple(str(p) for p in plugin or ()), only=tuple(only or ()),
+                        grids=tuple(grid or ()))
     if outcome.failed:
         raise typer.Exit(1)
 

@@ -301,12 +301,13 @@ def run_cell(spec: RunSpec, results: str, plugins: tuple[str, ...] = (), threads
 
 def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_parallel: int | None = None,
               plugins: tuple[str, ...] = (), console: Console | None = None,
-              only: tuple[str, ...] = ()) -> SweepOutcome:
+              only: tuple[str, ...] = (), grids: tuple[str, ...] = ()) -> SweepOutcome:
     """Plan the sweep, then run every cell without a record; cells that fail are reported, the rest go on.
 
     `max_parallel`: worker processes of the local executor (None: one cell at a time, here); for Ray, the
     most cells in flight (None: as many as the cluster's resources allow). `only`: run just these methods' cells
-    (and the reference cells of their tasks), in the planned order; the rest wait for a later run.
+    (and the reference cells of their tasks), in the planned order; the rest wait for a later run. `grids`: the
+    same, by grid name (`name:` in the YAML); with both, a cell must pass both.
     """
     console = console or Console(stderr=True, soft_wrap=True)
     if executor not in EXECUTORS:
@@ -317,11 +318,18 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
     if executor == "ray":
         _import_ray()
     cells = sweep.plan(pin_device=executor == "ray")
+    if grids:
+        unknown = sorted(set(grids) - {g.name for g in sweep.grids})
+        if unknown:
+            raise UserError(f"--grid names grids the sweep does not have: {', '.join(unknown)}; its grids: "
+                            + "; ".join(g.name for g in sweep.grids))
     if only:
         unknown = sorted(set(only) - {c.spec.method for c in cells})
         if unknown:
             raise UserError(f"--only names methods the sweep does not run: {', '.join(unknown)}")
-        chosen = [c for c in cells if c.spec.method in only]
+    if only or grids:
+        in_grids = {id(c) for g in sweep.grids if not grids or g.name in grids for c in g.cells}
+        chosen = [c for c in cells if id(c) in in_grids and (not only or c.spec.method in only)]
         wanted = {(c.spec.teacher, c.spec.student, c.spec.tasks[0]) for c in chosen}
         cells = [c for c in cells if c in chosen or (_is_reference(c) and (c.spec.teacher, c.spec.student,
                                                                            c.spec.tasks[0]) in wanted)]

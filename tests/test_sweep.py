@@ -89,6 +89,26 @@ def test_only_runs_the_named_methods_and_their_references(pico_pair, tmp_path):
     assert rest.stored_before == 4 and rest.ran == 2
 
 
+def test_grid_runs_only_the_named_grid_and_its_references(pico_pair, tmp_path):
+    config = write(tmp_path, TINY + """\
+grids:
+  - name: first
+    methods: [lora]
+    seeds: [0]
+  - name: second
+    methods: [lora, pissa]
+    seeds: [1]
+""")
+    store = ResultStore(tmp_path / "results")
+    with pytest.raises(UserError, match="--grid names grids the sweep does not have: third; its grids: first; second"):
+        run_sweep(Sweep.load(config), store, console=quiet(), grids=("third",))
+    second = run_sweep(Sweep.load(config), store, console=quiet(), grids=("second",), only=("pissa",))
+    assert sorted((r["method"], r["seed"]) for r in store.records()) == [("pissa", 1), ("student", 0), ("teacher", 0)]
+    assert second.ran == 3
+    rest = run_sweep(Sweep.load(config), store, console=quiet(), grids=("first", "second"))
+    assert rest.stored_before == 3 and rest.ran == 2  # lora at seeds 0 and 1
+
+
 def test_grids_override_top_level_keys_and_expand_env_vars(tmp_path, monkeypatch):
     monkeypatch.setenv("PKT_TEST_STUDENT", "pico-student")
     sweep = Sweep.load(write(tmp_path, """\
