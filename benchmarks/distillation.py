@@ -1,4 +1,4 @@
-"""One training micro-step of each teacher-guided objective (kd, hidden-kd, semalign v1 / geometry / fisher) against
+"""One training micro-step of each teacher-guided objective (kd, hidden-kd, gkd, semalign v1 / geometry / fisher) against
 lora's cross-entropy on the same batch: time, on a real pair.
 
     python benchmarks/distillation.py --teacher DIR --student DIR [--data-dir shared/data/eval] [--examples 2]
@@ -12,7 +12,8 @@ compare.)
 v1 runs with every LoRA factor trainable (the method trains the paired layer's only), the final version in its
 first frontier stage (layer 1 only, but the backward reaches every layer: its dearest stage). The semalign
 objectives use a random transfer matrix M (its values do not change the cost; the bases themselves are
-`benchmarks/semalign.py`'s) and the depth map as their pairing. Stops at once when less than 6 GB is free (the
+`benchmarks/semalign.py`'s) and the depth map as their pairing. gkd's step includes the student sampling its
+32-token answers (its defaults). Stops at once when less than 6 GB is free (the
 bf16 pair and its passes need about 5 GB).
 """
 
@@ -42,6 +43,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from pkt_bench.finetune import _collate, encode, response_ce
+    from pkt_bench.methods.gkd import OnPolicyDistillation, Sampling
     from pkt_bench.methods.hidden_kd import hidden_objective
     from pkt_bench.methods.kd import Distillation, OnlineTeacher
     from pkt_bench.methods.semalign.objectives import Cosine, Frontier, OnlineTargets
@@ -69,6 +71,8 @@ def main() -> None:
         "kd": Distillation(teacher, 0.5, 2.0, vocab),
         "hidden-kd": hidden_objective(teacher, t.num_hidden_layers, s.num_hidden_layers, t.hidden_size,
                                       s.hidden_size, 1.0, 0, "cpu"),
+        "gkd": OnPolicyDistillation(teacher, 0.0, 1.0, Sampling(32, 0.9, (tokenizer.eos_token_id,),
+                                                                tokenizer.pad_token_id), vocab, costs, 0),
         "semalign v1": Cosine(OnlineTargets(teacher, last, matrix), last),
         # a schedule longer than the run: frontier = layer 1, the dearest stage (the backward reaches every layer)
         "semalign geometry": Frontier(teacher, sources, matrix, "geometry", head, vocab, 1.0, 10**6, 1),

@@ -379,20 +379,22 @@ COSTS = ("examples_seen", "optimizer_steps", "teacher_forward", "teacher_backwar
 """The cost counters every method records (0 when it spends none); see `TransferContext.costs`."""
 _COST_HEADERS = {"examples_seen": "ex", "optimizer_steps": "steps", "teacher_forward": "T fwd",
                  "teacher_backward": "T bwd", "teacher_tokens": "T tok", "teacher_tokens_generated": "T gen",
-                 "reused": "reused", "wall_s": "wall s"}
+                 "student_tokens_generated": "S gen", "reused": "reused", "wall_s": "wall s"}
 COST_LEGEND = ("Per run (mean over seeds), summed over the tasks shown. ex: train examples seen; steps: optimizer "
                "steps; T fwd / T bwd: teacher forward / backward passes (one per example); T tok: tokens the "
-               "teacher read; T gen: tokens the teacher generated; reused: cached extractions reused; wall s: "
+               "teacher read; T gen: tokens the teacher generated; S gen: tokens the student sampled while training "
+               "(on-policy methods); reused: cached extractions reused; wall s: "
                "wall-clock seconds. k = thousand, M = million.")
 
 
 def cost_columns(rows: list[Score]) -> dict[tuple[str, str], dict[str, float]]:
     """Per (method, pair): the mean cost of one run, summed over the tasks shown, then wall time.
 
-    The standard costs always appear (0 when a method spends none), `reused` when any run reused a cached
-    extraction; the exports (csv, json) carry every other counter a method recorded.
+    The standard costs always appear (0 when a method spends none), `student_tokens_generated` when any run
+    sampled (on-policy methods), `reused` when any run reused a cached extraction; the exports (csv, json) carry every other counter a method recorded.
     """
-    names = list(COSTS) + (["reused"] if any(s.costs.get("reused") for s in rows) else [])
+    names = list(COSTS) + [name for name in ("student_tokens_generated", "reused")
+                           if any(s.costs.get(name) for s in rows)]
     out: dict[tuple[str, str], dict[str, float]] = {}
     for s in rows:
         totals = out.setdefault((s.method, s.pair), dict.fromkeys([*names, "wall_s"], 0.0))

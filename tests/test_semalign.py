@@ -162,10 +162,10 @@ def records(results):
 
 
 @pytest.mark.parametrize("task", ["probe", "gsm8k"])
-def test_semalign_kd_hidden_kd_beside_lora_on_one_leaderboard(pico_pair, tmp_path, task):
+def test_semalign_kd_hidden_kd_gkd_beside_lora_on_one_leaderboard(pico_pair, tmp_path, task):
     if task == "gsm8k" and not DATA.is_dir():
         pytest.skip(f"no task data at {DATA}")
-    methods = ("lora", "semalign", "kd", "hidden-kd")
+    methods = ("lora", "semalign", "kd", "hidden-kd", "gkd")
     task_args = (("--task", "gsm8k", "--data-dir", str(DATA), "--fit-context") if task == "gsm8k"  # pico: 64 tokens
                  else ("--task", "probe"))
     for method in methods:
@@ -177,6 +177,7 @@ def test_semalign_kd_hidden_kd_beside_lora_on_one_leaderboard(pico_pair, tmp_pat
     assert {found[m]["costs"]["optimizer_steps"] for m in methods} == {2}
     assert all(found[m]["costs"]["teacher_forward"] >= 8 for m in methods[1:])
     assert "teacher_forward" not in found["lora"]["costs"]
+    assert found["gkd"]["costs"]["student_tokens_generated"] > 0
     board = cli("leaderboard", "--results", str(tmp_path), "--format", "csv", "--cost")
     assert board.returncode == 0, board.stderr
     assert {row.split(",")[0] for row in board.stdout.splitlines()[1:]} >= set(methods)
@@ -185,6 +186,7 @@ def test_semalign_kd_hidden_kd_beside_lora_on_one_leaderboard(pico_pair, tmp_pat
 def test_objectives_in_bf16_match_fp32(tiny_models):
     """Every new objective on a bf16 pair (the CUDA default) gives the fp32 value to bf16 precision."""
     from pkt_bench.finetune import encode
+    from pkt_bench.methods.gkd import OnPolicyDistillation, Sampling
     from pkt_bench.methods.hidden_kd import hidden_objective
     from pkt_bench.methods.kd import Distillation
     from pkt_bench.methods.semalign.objectives import Cosine, OnlineTargets
@@ -206,6 +208,8 @@ def test_objectives_in_bf16_match_fp32(tiny_models):
             "v1": Cosine(OnlineTargets(teacher, {2: (2, 3, 0.5)}, matrix), {2: (2, 3, 0.5)}),
             "geometry": Frontier(teacher, sources, matrix, "geometry", out_head, 60, 1.0, 2, 1),
             "fisher": Frontier(teacher, sources, matrix, "fisher", out_head, 60, 1.0, 2, 1),
+            # λ = 0: the JSD on the train answers (a sample drawn in bf16 is another sequence, not a precision test)
+            "gkd": OnPolicyDistillation(teacher, 0.5, 0.0, Sampling(4, 0.9, (1,), 0), 60, {}, 0),
         }
         with torch.no_grad():
             values[dtype] = {name: objective(student, batch).item() for name, objective in objectives.items()}
