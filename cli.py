@@ -288,6 +288,8 @@ def sweep(
                                                            "reference cells); repeatable")] = None,
     grid: Annotated[Optional[list[str]], typer.Option(help="run only this grid's cells (its `name:` in the YAML; "
                                                            "and their tasks' reference cells); repeatable")] = None,
+    seed: Annotated[Optional[list[int]], typer.Option(help="run only this seed's cells (and their tasks' reference "
+                                                           "cells); repeatable")] = None,
 ):
     """Run a grid of cells from a YAML file; rerunning it runs only the cells without a record."""
     _load_plugins(plugin)
@@ -297,7 +299,7 @@ def sweep(
 
     outcome = run_sweep(Sweep.load(config), ResultStore(results), executor=executor, max_parallel=max_parallel,
                         plugins=tuple(str(p) for p in plugin or ()), only=tuple(only or ()),
-                        grids=tuple(grid or ()))
+                        grids=tuple(grid or ()), seeds=tuple(seed or ()))
     if outcome.failed:
         raise typer.Exit(1)
 

@@ -301,13 +301,14 @@ def run_cell(spec: RunSpec, results: str, plugins: tuple[str, ...] = (), threads
 
 def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_parallel: int | None = None,
               plugins: tuple[str, ...] = (), console: Console | None = None,
-              only: tuple[str, ...] = (), grids: tuple[str, ...] = ()) -> SweepOutcome:
+              only: tuple[str, ...] = (), grids: tuple[str, ...] = (), seeds: tuple[int, ...] = ()) -> SweepOutcome:
     """Plan the sweep, then run every cell without a record; cells that fail are reported, the rest go on.
 
     `max_parallel`: worker processes of the local executor (None: one cell at a time, here); for Ray, the
     most cells in flight (None: as many as the cluster's resources allow). `only`: run just these methods' cells
     (and the reference cells of their tasks), in the planned order; the rest wait for a later run. `grids`: the
-    same, by grid name (`name:` in the YAML); with both, a cell must pass both.
+    same, by grid name (`name:` in the YAML); `seeds`: the same, by seed (reference cells run at seed 0 whatever
+    it names). A cell must pass every filter given.
     """
     console = console or Console(stderr=True, soft_wrap=True)
     if executor not in EXECUTORS:
@@ -327,9 +328,15 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
         unknown = sorted(set(only) - {c.spec.method for c in cells})
         if unknown:
             raise UserError(f"--only names methods the sweep does not run: {', '.join(unknown)}")
-    if only or grids:
+    if seeds:
+        unknown = sorted(set(seeds) - {c.spec.seed for c in cells})
+        if unknown:
+            raise UserError(f"--seed names seeds the sweep does not run: {', '.join(map(str, unknown))}; its seeds: "
+                            + ", ".join(map(str, sorted({c.spec.seed for c in cells}))))
+    if only or grids or seeds:
         in_grids = {id(c) for g in sweep.grids if not grids or g.name in grids for c in g.cells}
-        chosen = [c for c in cells if id(c) in in_grids and (not only or c.spec.method in only)]
+        chosen = [c for c in cells if id(c) in in_grids and (not only or c.spec.method in only)
+                  and (not seeds or c.spec.seed in seeds)]
         wanted = {(c.spec.teacher, c.spec.student, c.spec.tasks[0]) for c in chosen}
         cells = [c for c in cells if c in chosen or (_is_reference(c) and (c.spec.teacher, c.spec.student,
                                                                            c.spec.tasks[0]) in wanted)]

@@ -105,8 +105,12 @@ grids:
     second = run_sweep(Sweep.load(config), store, console=quiet(), grids=("second",), only=("pissa",))
     assert sorted((r["method"], r["seed"]) for r in store.records()) == [("pissa", 1), ("student", 0), ("teacher", 0)]
     assert second.ran == 3
+    with pytest.raises(UserError, match="--seed names seeds the sweep does not run: 7; its seeds: 0, 1"):
+        run_sweep(Sweep.load(config), store, console=quiet(), seeds=(7,))
+    first = run_sweep(Sweep.load(config), store, console=quiet(), seeds=(0,), only=("lora",))
+    assert first.ran == 1 and ("lora", 0) in {(r["method"], r["seed"]) for r in store.records()}
     rest = run_sweep(Sweep.load(config), store, console=quiet(), grids=("first", "second"))
-    assert rest.stored_before == 3 and rest.ran == 2  # lora at seeds 0 and 1
+    assert rest.stored_before == 4 and rest.ran == 1  # lora at seed 1
 
 
 def test_grids_override_top_level_keys_and_expand_env_vars(tmp_path, monkeypatch):
