@@ -146,8 +146,8 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(help="budget: examples per micro-batch")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="budget: micro-batches per optimizer step")] = None,
     lr: Annotated[Optional[float], typer.Option(help="budget: peak learning rate")] = None,
-    budget: Annotated[Optional[str], typer.Option(help="budget preset setting every budget field: seeking or laten "
-                                                       "(the papers' recipes); the budget flags above override it")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="budget preset setting every budget field: seeking, laten or "
+                                                       "semalign (the papers' recipes); the budget flags above override it")] = None,
     transfer_format: TransferFormat = None,
     transfer_data: TransferData = None,
     data_dir: Annotated[Optional[str], typer.Option(envvar="PKT_BENCH_DATA", help="local task data folder")] = None,

@@ -1,4 +1,4 @@
-"""One training micro-step of each teacher-guided objective (kd, hidden-kd, gkd, semalign v1 / geometry / fisher) against
+"""One training micro-step of each teacher-guided objective (kd, hidden-kd, gkd, semalign v1 / v2-reconstruction geometry / fisher) against
 lora's cross-entropy on the same batch: time, on a real pair.
 
     python benchmarks/distillation.py --teacher DIR --student DIR [--data-dir shared/data/eval] [--examples 2]
@@ -9,7 +9,7 @@ runs `--repeats` forward+backward passes over the same batch (the first GSM8K tr
 the median seconds, as a ratio to lora's measured in the same run. (Peak memory is not reported: measured one
 objective after another in one process, the allocator reuses the pages an earlier one freed, so the peaks do not
 compare.)
-v1 runs with every LoRA factor trainable (the method trains the paired layer's only), the final version in its
+v1 runs with every LoRA factor trainable (the method trains the paired layer's only), the v2 reconstruction in its
 first frontier stage (layer 1 only, but the backward reaches every layer: its dearest stage). The semalign
 objectives use a random transfer matrix M (its values do not change the cost; the bases themselves are
 `benchmarks/semalign.py`'s) and the depth map as their pairing. gkd's step includes the student sampling its
@@ -73,10 +73,12 @@ def main() -> None:
                                       s.hidden_size, 1.0, 0, "cpu"),
         "gkd": OnPolicyDistillation(teacher, 0.0, 1.0, Sampling(32, 0.9, (tokenizer.eos_token_id,),
                                                                 tokenizer.pad_token_id), vocab, costs, 0),
-        "semalign v1": Cosine(OnlineTargets(teacher, last, matrix), last),
+        "semalign v1": Cosine(OnlineTargets(teacher, last, matrix, "mlp"), last, "mlp", "response"),
         # a schedule longer than the run: frontier = layer 1, the dearest stage (the backward reaches every layer)
-        "semalign geometry": Frontier(teacher, sources, matrix, "geometry", head, vocab, 1.0, 10**6, 1),
-        "semalign fisher": Frontier(teacher, sources, matrix, "fisher", head, vocab, 1.0, 10**6, 1),
+        "semalign v2-reconstruction geometry": Frontier(teacher, sources, matrix, "geometry", head, vocab, 1.0,
+                                                        10**6, 1, "write", "all"),
+        "semalign v2-reconstruction fisher": Frontier(teacher, sources, matrix, "fisher", head, vocab, 1.0, 10**6,
+                                                      1, "write", "all"),
     }
     print(f"tokens per batch: {int(batch['attention_mask'].sum())}, response tokens: "
           f"{int((batch['labels'] != -100).sum())}, dtype {args.dtype}")

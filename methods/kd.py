@@ -60,15 +60,15 @@ class OnlineTeacher:
         self.model = model.requires_grad_(False).eval()
         self.costs = costs
 
-    def __call__(self, batch, layers: list[int] = (), logits: bool = True):
-        """(logits [N, V] at the response positions, or None without `logits`; {layer: (input, output)} of the
-        0-based `layers`)."""
+    def __call__(self, batch, layers: list[int] = (), logits: bool = True, part: str = "layer"):
+        """(logits [N, V] at the response positions, or None without `logits`; {layer: (input, output)} of `part`
+        of the 0-based `layers`, as `pkt_bench.layers.tap` records them)."""
         import torch
 
         from pkt_bench.finetune import response_logits
         from pkt_bench.layers import tap
 
-        with torch.no_grad(), tap(self.model, list(layers)) as seen:
+        with torch.no_grad(), tap(self.model, list(layers), part) as seen:
             if logits:
                 logits, _ = response_logits(self.model, batch)
             else:

@@ -5,7 +5,7 @@ Loss is cross-entropy on response tokens only, averaged over all response tokens
 gradient accumulation gives the same step as one big batch). A method may pass its own `objective(model, batch)`
 returning a loss summed over the micro-batch's response tokens (distillation adds teacher terms); an objective
 that is a `torch.nn.Module` (a learned projection) has its trainable parameters in the optimizer too. AdamW,
-linear warmup then linear decay, gradient clipping, seeded shuffling. The model is trained in the dtype it was
+linear warmup then linear decay (or a constant rate: `Budget.schedule`), gradient clipping, seeded shuffling. The model is trained in the dtype it was
 loaded in (bf16 on CUDA by default); PEFT keeps adapter weights in fp32.
 
 Memory: the LM head runs only at the positions that predict a response token, and the default loss takes its
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from pkt_bench.api import Example
 from pkt_bench.spec import Budget
@@ -82,9 +82,15 @@ def response_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     """
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state  # [B, T, d]
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = targets != -100
-    return hidden[:, :-1][keep], targets[keep]
+    return hidden[response_positions(batch)], batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+
+
+def response_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T] bool: the *supervised positions*, those whose next token is a response token (position t predicts
+    token t + 1), in the order `response_hidden` returns them."""
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = batch["labels"][:, 1:] != -100
+    return keep
 
 
 def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +199,9 @@ def finetune(model, tokenizer, examples: list[Example], budget: Budget, seed: in
     if isinstance(objective, torch.nn.Module):
         params += [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=budget.lr, weight_decay=budget.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(budget.warmup_ratio * len(steps)), len(steps))
+    warmup = math.ceil(budget.warmup_ratio * len(steps))
+    schedule = (get_linear_schedule_with_warmup(optimizer, warmup, len(steps)) if budget.schedule == "linear"
+                else get_constant_schedule_with_warmup(optimizer, warmup))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = []
     model.train()

@@ -37,13 +37,20 @@ def decoder_layers(model):
     return causal.get_decoder().layers
 
 
-@contextmanager
-def tap(model, layers: list[int]):
-    """Record, for the 0-based `layers`, what each reads and writes during forward passes inside the block.
+PARTS = ("layer", "self_attn", "mlp")
 
-    Yields a dict: layer -> (input, output) hidden states [batch, tokens, width] of the last pass. Gradients flow
-    through them as through the model. The layer's *residual write* is output − input.
+
+@contextmanager
+def tap(model, layers: list[int], part: str = "layer"):
+    """Record, for the 0-based `layers`, what a part of each reads and writes during forward passes in the block.
+
+    `part`: the whole decoder layer (`layer`), or one of its sublayers (`self_attn`, `mlp`: the attention block and
+    the MLP, each without its norm before and its residual addition after). Yields a dict: layer -> (input,
+    output) [batch, tokens, width] of that part in the last pass; gradients flow through them as through the
+    model. A whole layer's *residual write* is output − input; a sublayer's write is its output.
     """
+    if part not in PARTS:
+        raise ValueError(f"tap part must be one of {PARTS}, got {part!r}")
     modules = decoder_layers(model)
     seen: dict[int, tuple] = {}
 
@@ -53,7 +60,8 @@ def tap(model, layers: list[int]):
             seen[index] = (hidden, output[0] if isinstance(output, tuple) else output)
         return record
 
-    handles = [modules[i].register_forward_hook(hook(i), with_kwargs=True) for i in sorted(set(layers))]
+    handles = [(modules[i] if part == "layer" else getattr(modules[i], part)).register_forward_hook(
+        hook(i), with_kwargs=True) for i in sorted(set(layers))]
     try:
         yield seen
     finally:

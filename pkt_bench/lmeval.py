@@ -98,7 +98,12 @@ class LmEvalTask:
         self.allow_code_execution = allow_code_execution
         self._transfer: dict[str, list[Example]] | None = None
         self._docs: dict[str, list[dict[str, Any]]] = {}
-        self.docs(self.test_split)  # a missing data file stops here, before anything runs
+        if self.data_dir:
+            self.check_data()  # a missing local file stops here; the hub is asked after the pair's checks (plan)
+
+    def check_data(self) -> None:
+        """Load the test split now, so that data the run cannot get stops it before anything runs."""
+        self.docs(self.test_split)
 
     # -- what a task defines -------------------------------------------------------------------------------------
     @functools.cached_property

@@ -133,6 +133,9 @@ def plan(spec: RunSpec) -> list[Cell]:
             raise UserError(f"task {task_name!r} generates up to {needed} tokens, but the pair's context holds "
                             f"{context}; pick a pair with a longer context, or pass --fit-context to cut generation "
                             f"to half the context (recorded)")
+    for _, task in tasks:  # the data last: from the hub it may take a network round (and fail after retries)
+        if hasattr(task, "check_data"):
+            task.check_data()
     from pkt_bench.formats import resolve
 
     _check_format({resolve(spec.transfer_format, task) for _, task in tasks}, pair)

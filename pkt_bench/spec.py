@@ -21,10 +21,14 @@ from pkt_bench.api import UserError
 
 SCHEMA_VERSION = 1
 AUTOCASTS = ("off", "bf16", "auto")
+SCHEDULES = ("linear", "constant")
 NEUTRAL_BUDGET_FIELDS = ("gradient_checkpointing",)
 """Budget fields that change how the fine-tuning loop runs, not what it computes (checkpointing recomputes the same
 activations): each fine-tune's stats record them, and cell keys hold their defaults, so a cell run either way is
 one cell and its record is found again."""
+
+LATER_BUDGET_FIELDS = ("schedule",)
+"""Budget fields added after records were first stored: absent from keys at their defaults."""
 
 
 class SpecKeyError(UserError):
@@ -45,6 +49,8 @@ class Budget:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate of AdamW"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps with linear warmup"})
+    schedule: str = field(default="linear", metadata={
+        "help": "learning rate after the warmup: linear (decay to 0, HF Trainer's default) or constant"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example (prompt + response), cut beyond"})
@@ -66,6 +72,8 @@ class Budget:
                 raise UserError(f"budget {name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"budget warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"budget schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.autocast not in AUTOCASTS:
             raise UserError(f"budget autocast must be one of {', '.join(AUTOCASTS)}, got {self.autocast!r}")
         for name in ("group_by_length", "gradient_checkpointing"):
@@ -75,9 +83,11 @@ class Budget:
             raise UserError(f"budget weight_decay must be >= 0, got {self.weight_decay!r}")
 
     def keyed(self) -> dict[str, Any]:
-        """The budget as cell keys and records' `cell` see it: `NEUTRAL_BUDGET_FIELDS` at their defaults."""
-        return {**dataclasses.asdict(self),
-                **{f.name: f.default for f in dataclasses.fields(self) if f.name in NEUTRAL_BUDGET_FIELDS}}
+        """The budget as cell keys and records' `cell` see it: `NEUTRAL_BUDGET_FIELDS` at their defaults, and
+        `LATER_BUDGET_FIELDS` left out at theirs (so keys made before those fields existed still hold)."""
+        out = {**dataclasses.asdict(self),
+               **{f.name: f.default for f in dataclasses.fields(self) if f.name in NEUTRAL_BUDGET_FIELDS}}
+        return {k: v for k, v in out.items() if not (k in LATER_BUDGET_FIELDS and v == _DEFAULTS[k])}
 
     def optimizer_steps(self, n_examples: int) -> int:
         """Optimizer steps the shared loop takes on `n_examples` (the last accumulation group may be short)."""
@@ -85,11 +95,15 @@ class Budget:
         return math.ceil(micro_batches / self.grad_accum)
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Budget)}
+
 BUDGET_PRESETS: dict[str, dict[str, Any]] = {
     "seeking": dict(examples=1000, epochs=3, batch_size=8, grad_accum=8, lr=3e-4, warmup_ratio=0.03,
                     weight_decay=0.0, max_grad_norm=1.0, max_length=2048),
     "laten": dict(examples=1000, epochs=5, batch_size=8, grad_accum=8, lr=3e-4, warmup_ratio=0.03,
                   weight_decay=0.0, max_grad_norm=1.0, max_length=1024),
+    "semalign": dict(examples=1000, epochs=5, batch_size=8, grad_accum=8, lr=3e-4, warmup_ratio=0.0,
+                     schedule="constant", weight_decay=0.0, max_grad_norm=1.0, max_length=1024),
 }
 """The papers' fine-tuning recipes, every `Budget` field set (`budget: seeking` in a spec, `--budget seeking`).
 
@@ -100,6 +114,11 @@ BUDGET_PRESETS: dict[str, dict[str, Any]] = {
   GSM8K: 1000 examples, 5 epochs, batch 64, lr 3e-4, cutoff 1024 (its README; its shell script uses 768); the
   Trainer's other defaults as above. HumanEval used 3 epochs at lr 3e-5 and MBPP 300 examples: add
   `--epochs 3 --lr 3e-5` or `--examples 300` (flags override a preset's fields).
+- `semalign`: SemAlign v1's Table 5 (Gu et al. 2025, App. A.2) for MMLU and GSM8K: 1000 examples, 5 epochs, batch 64,
+  lr 3e-4; HumanEval 3 epochs at lr 3e-5, MBPP 300 examples (add the flags as for `laten`). v1 states no optimizer,
+  schedule, warmup, clipping or cutoff: AdamW at a constant lr without warmup (the reading of
+  `shared/reference/semalign.md` §3), clipping 1.0 and LaTen's cutoff 1024 (the protocol v1 says it follows) are
+  our picks, listed among the open choices in `methods/semalign/README.md`.
 """
 
 

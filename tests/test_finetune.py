@@ -108,6 +108,24 @@ def test_response_loss_equals_the_full_logit_loss_in_value_and_gradient(tiny_mod
     assert any(g.abs().sum() > 0 for g in grads[0].values())
 
 
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_the_schedule_sets_each_steps_learning_rate(pico_pair, monkeypatch, schedule):
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def recorded(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recorded)
+    model, tokenizer = student(pico_pair)
+    budget = Budget(epochs=1, batch_size=2, lr=1e-2, warmup_ratio=0.25, schedule=schedule)  # 8 examples: 4 steps
+    finetune(model, tokenizer, Probe().transfer_data("train")[:8], budget, seed=0)
+    # one warmup step (⌈0.25·4⌉) from 0, then 1e-2 decaying linearly to 0 over the 3 left, or held
+    expected = [0.0, 1e-2, 1e-2 * 2 / 3, 1e-2 / 3] if schedule == "linear" else [0.0, 1e-2, 1e-2, 1e-2]
+    assert rates == pytest.approx(expected)
+
+
 def test_custom_objective_is_used_and_normalized_by_the_step_tokens(pico_pair):
     seen = []
 

@@ -130,19 +130,26 @@ def test_the_resolved_format_is_in_the_cell_key_but_not_in_the_references(pico_p
 def test_budget_presets_set_every_field_and_flags_override_them(tmp_path):
     seeking = make_budget("seeking")
     assert dataclasses.asdict(seeking) == dict(examples=1000, epochs=3, batch_size=8, grad_accum=8, lr=3e-4,
-                                               warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
-                                               max_length=2048, autocast="off", group_by_length=False,
-                                               gradient_checkpointing=False)
+                                               warmup_ratio=0.03, schedule="linear", weight_decay=0.0,
+                                               max_grad_norm=1.0, max_length=2048, autocast="off",
+                                               group_by_length=False, gradient_checkpointing=False)
     assert seeking.optimizer_steps(1000) == 47  # global batch 64: 375 micro-batches of 8 in groups of 8
     laten = make_budget("laten")
     assert (laten.epochs, laten.batch_size * laten.grad_accum, laten.lr, laten.max_length) == (5, 64, 3e-4, 1024)
+    semalign = make_budget("semalign")  # SemAlign v1's Table 5; schedule and warmup not stated there: constant, none
+    assert (semalign.examples, semalign.epochs, semalign.batch_size * semalign.grad_accum, semalign.lr,
+            semalign.schedule, semalign.warmup_ratio) == (1000, 5, 64, 3e-4, "constant", 0.0)
+    # a field added later stays out of keys at its default, so the records stored before it are found again
+    assert "schedule" not in seeking.keyed() and semalign.keyed()["schedule"] == "constant"
+    with pytest.raises(UserError, match="budget schedule must be one of linear, constant, got 'cosine'"):
+        Budget(schedule="cosine")
     spec = RunSpec().with_overrides(budget="seeking", **{"budget.lr": 1e-4})
     assert spec.budget == dataclasses.replace(seeking, lr=1e-4)
     path = tmp_path / "spec.yaml"
     path.write_text("method: lora\nbudget:\n  preset: laten\n  epochs: 3\n")
     assert RunSpec.from_yaml(path).budget == dataclasses.replace(laten, epochs=3)
     path.write_text("method: lora\nbudget: seekng\n")
-    with pytest.raises(UserError, match=r"spec.yaml:2: unknown budget preset 'seekng'; presets: seeking, laten"):
+    with pytest.raises(UserError, match=r"spec.yaml:2: unknown budget preset 'seekng'; presets: seeking, laten, semalign"):
         RunSpec.from_yaml(path)
 
 

@@ -153,3 +153,137 @@ def test_a_method_version_enters_the_key_only_where_a_method_declares_one(pico_p
     hidden = plan(RunSpec(method="hidden-kd"))[0].describe()
     assert hidden["method_version"] == "2"
     assert "method_version" not in plan(RunSpec(method="lora"))[0].describe()
+
+
+def transfer64(teacher, student):
+    """M = S_T S_Sᵀ in float64: S = pinv(W) of each LM head W [V, D], columns at unit norm (zero columns kept 0)."""
+    def bases(model):
+        s = torch.linalg.pinv(model.get_output_embeddings().weight.detach().double())
+        return s / s.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    return bases(teacher) @ bases(student).T
+
+
+def sublayer_outputs(model, batch, part):
+    """What each layer's `part` (mlp or self_attn) returns, caught by wrapping its forward (not by a hook)."""
+    caught = {}
+    for i, layer in enumerate(model.get_decoder().layers):
+        module = getattr(layer, part)
+        original = module.forward
+
+        def wrapped(*args, _i=i, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            caught[_i] = out[0] if isinstance(out, tuple) else out
+            return out
+        module.forward = wrapped
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for layer in model.get_decoder().layers:
+            del getattr(layer, part).forward
+    return caught
+
+
+def writes(model, batch, interface):
+    """Each layer's write at `interface` [B, T, D], in float64, from transformers' own outputs."""
+    if interface == "write":
+        states = layer_outputs(model)(batch)
+        inputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True).hidden_states[:1] + tuple(states[:-1])
+        return [(o - i).double() for i, o in zip(inputs, states)]
+    caught = sublayer_outputs(model, batch, {"mlp": "mlp", "attention": "self_attn"}[interface])
+    return [caught[i].double() for i in sorted(caught)]
+
+
+def cos_rows(a, b):
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def supervised(batch):
+    """[B, T] bool: positions whose next token is a response token."""
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = batch["labels"][:, 1:] != -100
+    return keep
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_semalign_v1_is_the_written_formula_on_the_models_own_sublayer_outputs(tiny_models, family):
+    """v1: L = N·[1 − mean over supervised positions of cos(h_S^(k), R̃)] + Σ_rows [1 − z_y / ‖z‖], h the MLP's
+    output before the residual addition, R̃ = (h_T / ‖h_T‖) M from the depth map's teacher layer."""
+    from pkt_bench.methods.semalign.objectives import Cosine, OnlineTargets
+
+    pair = ModelPair.resolve(str(tiny_models[f"{family}-teacher"]), str(tiny_models[f"{family}-student"]))
+    (teacher, tokenizer), (student, _) = pair.load("teacher"), pair.load("student")
+    batch = a_batch(tokenizer)
+    m = transfer64(teacher, student)
+    with torch.no_grad():
+        logits, targets = response_rows(student, batch)
+        z = logits.double()
+        output = (1 - z[torch.arange(len(targets)), targets] / z.norm(dim=-1)).sum()
+
+        def expected(interface="mlp", keep=supervised(batch), k=2, a=3, b=None, lam=0.0):
+            h_t, h_s = writes(teacher, batch, interface), writes(student, batch, interface)
+            target = h_t[a - 1] if b is None else (1 - lam) * h_t[a - 1] + lam * h_t[b - 1]
+            goal = (target / target.norm(dim=-1, keepdim=True)) @ m
+            return len(targets) * (1 - cos_rows(h_s[k - 1][keep], goal[keep]).mean()) + output
+
+        def value(pairs, interface="mlp", positions="response"):
+            online = OnlineTeacher(teacher, {})
+            return Cosine(OnlineTargets(online, pairs, m.float(), interface), pairs, interface, positions)(
+                student, batch).item()
+
+        right = expected()
+        assert value({2: (3, 3, 0.0)}) == pytest.approx(right.item(), rel=1e-5)
+        assert value({2: (2, 3, 0.25)}) == pytest.approx(expected(a=2, b=3, lam=0.25).item(), rel=1e-5)
+        assert value({2: (3, 3, 0.0)}, "write", "all") == pytest.approx(
+            expected("write", batch["attention_mask"].bool()).item(), rel=1e-5)
+        # the inputs tell apart: the whole layer's write, the attention's, every token, another student or
+        # teacher layer, the interpolation weight reversed, the target's sign
+        variants = [expected("write"), expected("attention"), expected(keep=batch["attention_mask"].bool()),
+                    expected(k=1), expected(a=2), expected(a=2, b=3, lam=0.75)]
+        assert all(abs(v - right).item() > 1e-4 * right.item() for v in variants), [(v - right).item() for v in variants]
+        flipped = len(targets) * (1 + cos_rows(writes(student, batch, "mlp")[1][supervised(batch)],
+                                               ((lambda t: t / t.norm(dim=-1, keepdim=True))(
+                                                   writes(teacher, batch, "mlp")[2]) @ m)[supervised(batch)]).mean()) + output
+        assert abs(flipped - right).item() > 1e-3 * right.item()
+
+
+def test_semalign_v2_reconstruction_is_the_written_formula_on_the_models_own_writes(tiny_models):
+    """The reconstruction at its first stage: ‖G(Δ_S) − G(R̃)‖²_F / n² per sequence on every non-padding token,
+    times N, plus Σ_rows KL(p_T ‖ p_S); G(X) = H X̂ X̂ᵀ H written out with the centring matrix H."""
+    from pkt_bench.methods.semalign.objectives import Frontier
+
+    pair = ModelPair.resolve(str(tiny_models["llama-teacher"]), str(tiny_models["llama-student"]))
+    (teacher, tokenizer), (student, _) = pair.load("teacher"), pair.load("student")
+    batch = a_batch(tokenizer)
+    m, vocab = transfer64(teacher, student), len(tokenizer)
+    head = student.get_output_embeddings().weight.detach()
+    with torch.no_grad():
+        s_logits, targets = response_rows(student, batch)
+        t_logits, _ = response_rows(teacher, batch)
+        p_t, p_s = softmax64(t_logits[:, :vocab]), softmax64(s_logits[:, :vocab])
+        kl = (p_t * (torch.log(p_t) - torch.log(p_s))).sum()
+
+        def g(x):
+            n = len(x)
+            unit = x / x.norm(dim=-1, keepdim=True)
+            h = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
+            return h @ unit @ unit.T @ h
+
+        def expected(source=1, uncentred=False):
+            d_s, d_t = writes(student, batch, "write")[0], writes(teacher, batch, "write")[source - 1]
+            goal = (d_t / d_t.norm(dim=-1, keepdim=True)) @ m
+            terms = []
+            for row, keep in enumerate(batch["attention_mask"].bool()):
+                x, y = d_s[row][keep], goal[row][keep]
+                gx, gy = (g(x), g(y)) if not uncentred else (
+                    (lambda u: u @ u.T)(x / x.norm(dim=-1, keepdim=True)),
+                    (lambda u: u @ u.T)(y / y.norm(dim=-1, keepdim=True)))
+                terms.append(((gx - gy) ** 2).sum() / len(x) ** 2)
+            return len(targets) * sum(terms) / len(terms) + kl
+
+        frontier = Frontier(OnlineTeacher(teacher, {}), {1: (1, 1, 0.0), 2: (3, 3, 0.0)}, m.float(), "geometry",
+                            head, vocab, 1.0, 2, 1, "write", "all")
+        right = expected()
+        assert frontier(student, batch).item() == pytest.approx(right.item(), rel=1e-4)
+        variants = [expected(source=2), expected(uncentred=True), expected() - 2 * kl]
+        assert all(abs(v - right).item() > 1e-3 * right.item() for v in variants)

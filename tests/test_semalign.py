@@ -1,5 +1,5 @@
-"""SemAlign: semantic bases, the depth pairing, decompose/recompose across an orthogonal change of basis, both
-objectives (the frontier schedule trains one layer at a time), and semalign, kd, hidden-kd beside lora on one
+"""SemAlign: semantic bases, the depth pairing, decompose/recompose across an orthogonal change of basis, v1 and
+the v2 reconstruction (the frontier schedule trains one layer at a time; their values are in test_objectives.py), and semalign, kd, hidden-kd beside lora on one
 leaderboard with the same optimizer steps (pico probe and GSM8K)."""
 
 import json
@@ -99,7 +99,7 @@ def test_layer_losses_geometry_is_scale_invariant_and_fisher_is_the_kl_to_second
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_only_the_frontier_layer_changes_in_a_frontier_stage(tiny_models, tmp_path, family):
     ctx = context(tiny_models, tmp_path, family, **BUDGET, warmup_ratio=0.0)  # 4 steps, 2 student layers: 2 a stage
-    method = SemAlign(SemAlignConfig(rank=4))
+    method = SemAlign(SemAlignConfig(rank=4, objective="v2-reconstruction"))
     model, tokenizer = LoRA(method.config).initialize(ctx)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -110,7 +110,7 @@ def test_only_the_frontier_layer_changes_in_a_frontier_stage(tiny_models, tmp_pa
     snapshots = []
     frontier = Frontier(OnlineTeacher(ctx.pair.load("teacher")[0], ctx.costs), window_sources(scores, 2),
                         transfer_matrix(bases["teacher"], bases["student"]), "geometry",
-                        model.get_base_model().get_output_embeddings().weight.detach(), 60, 1.0, 4, 1)
+                        model.get_base_model().get_output_embeddings().weight.detach(), 60, 1.0, 4, 1, "write", "all")
 
     def watched(model, batch):
         snapshots.append({layer: [p.detach().clone() for p in params] for layer, params in lora_layers(model).items()})
@@ -123,7 +123,7 @@ def test_only_the_frontier_layer_changes_in_a_frontier_stage(tiny_models, tmp_pa
     assert changed == [{0}, {0}, {1}, {1}]  # steps 1-2: layer 1 only; steps 3-4: layer 2 only (weight decay on)
 
 
-@pytest.mark.parametrize("config", [dict(objective="v1"), dict(layer_loss="fisher")])
+@pytest.mark.parametrize("config", [dict(), dict(objective="v2-reconstruction", layer_loss="fisher")])
 def test_v1_trains_the_attributed_layer_only_and_fisher_runs(tiny_models, tmp_path, config):
     ctx = context(tiny_models, tmp_path, "llama", **BUDGET)
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_v1_trains_the_attributed_layer_only_and_fisher_runs(tiny_models, tmp_pa
 
     adapter = load_file(f"{artifact.path}/adapter_model.safetensors")
     trained = {int(n.split(".layers.")[1].split(".")[0]) for n, p in adapter.items() if "lora_B" in n and p.any()}
-    if config.get("objective") == "v1":
+    if config.get("objective", "v1") == "v1":
         assert len(saved["pairs"]) == 1 and trained == {int(k) - 1 for k in saved["pairs"]}
     else:
         assert list(saved["pairs"]) == ["1", "2"] and trained == {0, 1}
@@ -154,7 +154,18 @@ def test_v1_targets_precomputed_once_per_example_train_the_same_adapter(tiny_mod
     seeds = costs["online"]["teacher_backward"]  # attribution: one forward and backward per seed example
     assert costs["online"]["teacher_forward"] - seeds == 16 and costs["precomputed"]["teacher_forward"] - seeds == 8
     with pytest.raises(UserError, match="needs objective=v1"):
-        SemAlignConfig(teacher_targets="precomputed")
+        SemAlignConfig(teacher_targets="precomputed", objective="v2-reconstruction")
+
+
+def test_v1_is_the_default_and_each_objective_resolves_its_own_interface_and_positions():
+    v1, v2 = SemAlignConfig(), SemAlignConfig(objective="v2-reconstruction")
+    assert (v1.objective, v1.interface, v1.positions, v1.interpolate) == ("v1", "mlp", "response", False)
+    assert (v2.interface, v2.positions) == ("write", "all")
+    assert SemAlignConfig(interface="attention", positions="all").interface == "attention"
+    with pytest.raises(UserError, match="renamed v2-reconstruction"):
+        SemAlignConfig(objective="final")
+    with pytest.raises(UserError, match="'interface' must be one of mlp, attention, write"):
+        SemAlignConfig(interface="residual")
 
 
 def records(results):
@@ -205,9 +216,11 @@ def test_objectives_in_bf16_match_fp32(tiny_models):
         objectives = {
             "kd": Distillation(teacher, 0.5, 2.0, 60),
             "hidden-kd": hidden_objective(teacher, 3, 2, 64, 32, 1.0, 0, "cpu"),
-            "v1": Cosine(OnlineTargets(teacher, {2: (2, 3, 0.5)}, matrix), {2: (2, 3, 0.5)}),
-            "geometry": Frontier(teacher, sources, matrix, "geometry", out_head, 60, 1.0, 2, 1),
-            "fisher": Frontier(teacher, sources, matrix, "fisher", out_head, 60, 1.0, 2, 1),
+            "v1": Cosine(OnlineTargets(teacher, {2: (2, 3, 0.5)}, matrix, "mlp"), {2: (2, 3, 0.5)}, "mlp", "response"),
+            "v1-attention": Cosine(OnlineTargets(teacher, {1: (1, 1, 0.0)}, matrix, "attention"), {1: (1, 1, 0.0)},
+                                   "attention", "all"),
+            "geometry": Frontier(teacher, sources, matrix, "geometry", out_head, 60, 1.0, 2, 1, "write", "all"),
+            "fisher": Frontier(teacher, sources, matrix, "fisher", out_head, 60, 1.0, 2, 1, "write", "all"),
             # λ = 0: the JSD on the train answers (a sample drawn in bf16 is another sequence, not a precision test)
             "gkd": OnPolicyDistillation(teacher, 0.5, 0.0, Sampling(4, 0.9, (1,), 0), 60, {}, 0),
         }

@@ -7,12 +7,15 @@ shared vocabulary, supervise the student's layers while its LoRA trains with the
 2. *Layer attribution* (`attribution.py`): Layer Gradient × Activation on the teacher with the task's seed
    examples; cached per (pair, task, examples).
 3. *Pairing* (`pairing.py`, with the depth map of `pkt_bench.layers`): v1 trains the student layer k† that first
-   reaches the critical teacher layer, against the teacher interpolated at depth k†; the final version gives every
-   student layer one teacher layer (the best-scoring one within ±1 of the depth map).
+   reaches the critical teacher layer, against the depth map's teacher layer ℓ_T(k†) (or, with `interpolate`, the
+   teacher interpolated at depth k†); the v2 reconstruction gives every student layer one teacher layer (the
+   best-scoring one within ±1 of the depth map).
 4. *Decompose / recompose* (`bases.py`): teacher write -> cosine coefficients on the teacher's bases -> the same
    coefficients on the student's bases.
-5. *Training* (`objectives.py`): `objective=final` (the default: frontier stages, relation-geometry or Fisher layer
-   loss, KL at the output) or `objective=v1` (cosine layer and output terms on the attributed layer).
+5. *Training* (`objectives.py`): `objective=v1` (the default, the one version with published equations: cosine
+   layer and output terms on the attributed layer, at the MLP's output over the supervised positions) or
+   `objective=v2-reconstruction` (our reconstruction of the later version from its abstracts: frontier stages,
+   relation-geometry or Fisher layer loss, KL at the output).
 
 Every choice the paper leaves open, and the pick made here, is in README.md beside this file.
 """
@@ -28,6 +31,8 @@ from pkt_bench.methods.lora import LoRA, LoRAConfig
 from pkt_bench.registry import register_method
 
 EXTRACT_VERSION = 1  # bump when an extraction's output changes for the same inputs
+OBJECTIVES = ("v1", "v2-reconstruction")
+INTERFACES = ("mlp", "attention", "write")  # objectives.INTERFACES maps them to the parts of a layer
 BASES, SCORES = "bases.safetensors", "scores.json"
 PAPER_MODULES = ["up_proj", "down_proj", "v_proj", "o_proj"]
 
@@ -36,15 +41,24 @@ PAPER_MODULES = ["up_proj", "down_proj", "v_proj", "o_proj"]
 class SemAlignConfig(LoRAConfig):
     target_modules: list[str] = field(default_factory=lambda: list(PAPER_MODULES), metadata={
         "help": "module names that get an adapter (the paper: up_proj, down_proj, v_proj, o_proj)"})
-    objective: str = field(default="final", metadata={
-        "help": "final (arXiv v2 / ACL: frontier stages, layer loss + KL) or v1 (cosine terms on the attributed "
-                "layer)"})
+    objective: str = field(default="v1", metadata={
+        "help": "v1 (arXiv v1, the published equations: cosine terms on the attributed layer) or v2-reconstruction "
+                "(RECONSTRUCTED from the arXiv v2 / ACL 2026 abstracts: frontier stages, layer loss + KL)"})
+    interface: str = field(default="", metadata={
+        "help": "what a layer writes, as aligned: mlp (the MLP's output before its residual addition), attention "
+                "(the attention block's), or write (the layer's whole residual write, output − input); empty: the "
+                "objective's own (v1: mlp; v2-reconstruction: write)"})
+    positions: str = field(default="", metadata={
+        "help": "where the layer term runs: response (the supervised positions) or all (every non-padding token); "
+                "empty: the objective's own (v1: response; v2-reconstruction: all)"})
     layer_loss: str = field(default="geometry", metadata={
-        "help": "final's layer loss: geometry (arXiv v2, relation geometry) or fisher (ACL, Fisher surrogate)"})
+        "help": "v2-reconstruction's layer loss: geometry (from the arXiv v2 abstract, relation geometry) or fisher "
+                "(from the ACL abstract, Fisher surrogate)"})
     critical_layers: int = field(default=1, metadata={"help": "v1: teacher layers taken by attribution score (top-k)"})
-    interpolate: bool = field(default=True, metadata={
-        "help": "v1: interpolate the teacher at depth k† (non-integer depth ratio) instead of layer ℓ_T(k†)"})
-    temperature: float = field(default=1.0, metadata={"help": "final: temperature of the output KL"})
+    interpolate: bool = field(default=False, metadata={
+        "help": "v1: supervise with the teacher interpolated at the student's exact depth k† (between the layers "
+                "around L_T·k†/L_S) instead of the depth map's layer ℓ_T(k†), the pair v1 trains"})
+    temperature: float = field(default=1.0, metadata={"help": "v2-reconstruction: temperature of the output KL"})
     attribution_examples: int = field(default=0, metadata={
         "help": "seed examples the attribution averages over; 0: all of them"})
     teacher_targets: str = field(default="online", metadata={
@@ -52,15 +66,25 @@ class SemAlignConfig(LoRAConfig):
                 "training, then the teacher is freed)"})
 
     def __post_init__(self) -> None:
-        if self.objective not in ("final", "v1"):
-            raise UserError(f"semalign option 'objective' must be final or v1, got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            hint = " (renamed v2-reconstruction: it is rebuilt from abstracts)" if self.objective == "final" else ""
+            raise UserError(f"semalign option 'objective' must be v1 or v2-reconstruction, got "
+                            f"{self.objective!r}{hint}")
+        v1 = self.objective == "v1"
+        self.interface = self.interface or ("mlp" if v1 else "write")
+        self.positions = self.positions or ("response" if v1 else "all")
+        if self.interface not in INTERFACES:
+            raise UserError(f"semalign option 'interface' must be one of {', '.join(INTERFACES)}, got "
+                            f"{self.interface!r}")
+        if self.positions not in ("response", "all"):
+            raise UserError(f"semalign option 'positions' must be response or all, got {self.positions!r}")
         if self.layer_loss not in ("geometry", "fisher"):
             raise UserError(f"semalign option 'layer_loss' must be geometry or fisher, got {self.layer_loss!r}")
         if self.teacher_targets not in ("online", "precomputed"):
             raise UserError(f"semalign option 'teacher_targets' must be online or precomputed, got "
                             f"{self.teacher_targets!r}")
         if self.teacher_targets == "precomputed" and self.objective != "v1":
-            raise UserError("semalign teacher_targets=precomputed needs objective=v1: the final version's output KL "
+            raise UserError("semalign teacher_targets=precomputed needs objective=v1: v2-reconstruction's output KL "
                             "needs the teacher's logits over the whole vocabulary for every token")
         if self.critical_layers < 1 or self.attribution_examples < 0 or not self.temperature > 0:
             raise UserError("semalign needs critical_layers >= 1, attribution_examples >= 0 and temperature > 0")
@@ -85,7 +109,8 @@ def batches(examples, tokenizer, budget, device) -> list[dict]:
 
 @register_method("semalign")
 class SemAlign:
-    description = "SemAlign: teacher layer writes, recomposed on the student's semantic bases, supervise its LoRA"
+    description = ("SemAlign v1: teacher layer writes, recomposed on the student's semantic bases, supervise its LoRA "
+                   "(objective=v2-reconstruction: the later version, reconstructed from its abstracts)")
     reference = "https://arxiv.org/abs/2510.24208"
     Config = SemAlignConfig
     fine_tunes = True
@@ -124,17 +149,18 @@ class SemAlign:
         if c.objective == "v1":
             pairs = critical_pairs(scores, n_student, c.critical_layers, c.interpolate)
             train_only(model, {k - 1 for k in pairs})
-            targets = OnlineTargets(teacher, pairs, matrix)
+            targets = OnlineTargets(teacher, pairs, matrix, c.interface)
             if c.teacher_targets == "precomputed":
                 with ctx.stage("extract"):
                     targets = StoredTargets(targets, batches(train, tokenizer, ctx.budget, device))
                 del teacher  # the stored targets hold all the student needs from it
-            objective = Cosine(targets, pairs)
+            objective = Cosine(targets, pairs, c.interface, c.positions)
         else:
             pairs = window_sources(scores, n_student)
             head = model.get_base_model().get_output_embeddings().weight.detach()
             objective = Frontier(teacher, pairs, matrix, c.layer_loss, head, vocab, c.temperature,
-                                 ctx.budget.optimizer_steps(len(train)), ctx.budget.grad_accum)
+                                 ctx.budget.optimizer_steps(len(train)), ctx.budget.grad_accum, c.interface,
+                                 c.positions)
         ctx.finetune(model, tokenizer, train, objective=objective)
         artifact = lora.save(ctx, model, tokenizer)
         (Path(artifact.path) / "semalign.json").write_text(json.dumps(

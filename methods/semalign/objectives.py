@@ -1,16 +1,20 @@
-"""SemAlign's two published objectives, as objectives of the shared loop (loss summed over response tokens).
+"""SemAlign's objectives for the shared loop (each returns a loss summed over the micro-batch's response tokens).
 
-Both supervise a student layer's *residual write* Δ_S^(k) = output − input of layer k with the teacher's write at
-its source layer(s), carried into the student's space by the transfer matrix M (`bases.py`): the *supervisory
-residual* R̃ = (Δ_T / ‖Δ_T‖) M, per token, a constant (no gradient). Layer terms run over all non-padding tokens,
-output terms over the response tokens; a per-token mean is scaled by the batch's response tokens so that the
-loop's division by the step's response tokens gives it back as a mean.
+Both supervise what a student layer writes, h_S^(k), with what the teacher writes at its source layer(s), carried
+into the student's space by the transfer matrix M (`bases.py`): the *supervisory residual* R̃ = (h_T / ‖h_T‖) M,
+per token, a constant (no gradient). What a layer "writes" is the *interface* (`INTERFACES`): v1's "sublayer output
+before the residual addition" (`mlp`, by default, or `attention`), or the whole layer's residual write
+Δ = output − input (`write`, the v2 abstract's "residual contribution"). The layer term runs over the *positions*
+chosen (`response`: v1's supervised positions, those that predict a response token; `all`: every non-padding
+token), the output term over the response tokens; a per-token mean is scaled by the batch's response tokens so
+that the loop's division by the step's response tokens gives it back as a mean.
 
-- `Cosine` (v1, "representation steering"): L = [1 − mean cos(Δ_S^(k), R̃)] + [1 − mean cos(z, e_y)], z the
-  final logits and e_y the one-hot label; only the paired layer(s) train (the caller freezes the rest).
-- `Frontier` (final, arXiv v2 / ACL 2026): the budget's optimizer steps split evenly into L_S stages, shallow to
-  deep; in stage k only layer k's LoRA trains. L = L_layer + KL(p_T ‖ p_S) at the output (T = 1, shared
-  vocabulary), L_layer one of
+- `Cosine` (v1, "representation steering", the published equations): L = [1 − mean cos(h_S^(k), R̃)] +
+  [1 − mean cos(z, e_y)], z the final logits and e_y the one-hot label; only the paired layer(s) train (the
+  caller freezes the rest).
+- `Frontier` (**a reconstruction** of the v2 / ACL 2026 objective from its abstracts alone, no equations
+  published): the budget's optimizer steps split evenly into L_S stages, shallow to deep; in stage k only
+  layer k's LoRA trains. L = L_layer + KL(p_T ‖ p_S) at the output (T = 1, shared vocabulary), L_layer one of
   * `geometry` (arXiv v2): ‖G(Δ_S) − G(R̃)‖²_F / n² per sequence, G(X) = H X̂ X̂ᵀ H, X̂ the rows at unit norm and
     H = I − 11ᵀ/n centring over the sequence's n tokens;
   * `fisher` (ACL abstract): ½[Σ_i p_i δ_i² − (Σ_i p_i δ_i)²] per token, δ = W_S Δ_S − W_S R̃, p = softmax(W_S R̃),
@@ -25,7 +29,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from pkt_bench.finetune import response_logits
+from pkt_bench.finetune import response_logits, response_positions
 from pkt_bench.layers import tap
 
 from pkt_bench.methods.kd import OnlineTeacher, kl_divergence
@@ -51,19 +55,30 @@ def train_only(model, layers: set[int]) -> None:
             param.requires_grad_(layer in layers)
 
 
-def residual(seen: dict, layer: int) -> torch.Tensor:
-    """Δ = output − input of the 0-based `layer`, from `pkt_bench.layers.tap`."""
+INTERFACES = {"mlp": "mlp", "attention": "self_attn", "write": "layer"}
+"""Interface -> the part of a decoder layer `pkt_bench.layers.tap` records for it."""
+
+
+def written(seen: dict, layer: int, interface: str) -> torch.Tensor:
+    """What the 0-based `layer` writes at `interface`, from a `tap` of `INTERFACES[interface]`: a sublayer's output
+    (before its residual addition), or the whole layer's Δ = output − input."""
     hidden_in, hidden_out = seen[layer]
-    return hidden_out - hidden_in
+    return hidden_out - hidden_in if interface == "write" else hidden_out
 
 
-def supervisory_residual(seen: dict, source: Source, matrix: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def supervisory_residual(seen: dict, source: Source, matrix: torch.Tensor, interface: str,
+                         eps: float = 1e-8) -> torch.Tensor:
     """R̃ [B, T, D_S] from the teacher's writes at source (a, b, λ), 1-based."""
     a, b, weight = source
-    delta = residual(seen, a - 1).float()
+    h = written(seen, a - 1, interface).float()
     if weight:
-        delta = (1 - weight) * delta + weight * residual(seen, b - 1).float()
-    return (delta / delta.norm(dim=-1, keepdim=True).clamp_min(eps)) @ matrix
+        h = (1 - weight) * h + weight * written(seen, b - 1, interface).float()
+    return (h / h.norm(dim=-1, keepdim=True).clamp_min(eps)) @ matrix
+
+
+def layer_positions(batch, positions: str) -> torch.Tensor:
+    """[B, T] bool: where the layer term runs, `response` (the supervised positions) or `all` non-padding ones."""
+    return response_positions(batch) if positions == "response" else batch["attention_mask"].bool()
 
 
 def teacher_layers(sources: list[Source]) -> list[int]:
@@ -78,12 +93,13 @@ def relation_geometry(x: torch.Tensor) -> torch.Tensor:
 
 
 def geometry_loss(student: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of ‖G(Δ_S) − G(R̃)‖²_F / n² on each sequence's non-padding tokens."""
+    """Mean over sequences of ‖G(Δ_S) − G(R̃)‖²_F / n² on each sequence's `keep` tokens."""
     losses = []
     for s, t, m in zip(student, target, keep):
         n = int(m.sum())
-        losses.append((relation_geometry(s[m]) - relation_geometry(t[m])).pow(2).sum() / n**2)
-    return torch.stack(losses).mean()
+        if n:  # a sequence cut before its response has no positions to compare
+            losses.append((relation_geometry(s[m]) - relation_geometry(t[m])).pow(2).sum() / n**2)
+    return torch.stack(losses).mean() if losses else student.sum() * 0.0
 
 
 def fisher_loss(student: torch.Tensor, target: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -99,12 +115,14 @@ def fisher_loss(student: torch.Tensor, target: torch.Tensor, head: torch.Tensor)
 class OnlineTargets:
     """v1's supervisory residuals {k: R̃ [B, T, D_S]} of a batch, from the teacher run on it."""
 
-    def __init__(self, teacher: OnlineTeacher, pairs: dict[int, Source], matrix: torch.Tensor):
-        self.teacher, self.pairs, self.matrix = teacher, pairs, matrix
+    def __init__(self, teacher: OnlineTeacher, pairs: dict[int, Source], matrix: torch.Tensor, interface: str):
+        self.teacher, self.pairs, self.matrix, self.interface = teacher, pairs, matrix, interface
 
     def __call__(self, batch) -> dict[int, torch.Tensor]:
-        _, states = self.teacher(batch, teacher_layers(list(self.pairs.values())), logits=False)
-        return {k: supervisory_residual(states, source, self.matrix) for k, source in self.pairs.items()}
+        _, states = self.teacher(batch, teacher_layers(list(self.pairs.values())), logits=False,
+                                 part=INTERFACES[self.interface])
+        return {k: supervisory_residual(states, source, self.matrix, self.interface)
+                for k, source in self.pairs.items()}
 
 
 class StoredTargets:
@@ -132,23 +150,26 @@ class StoredTargets:
 class Cosine:
     """v1: cosine layer loss on the paired student layers plus the cosine output loss against the labels."""
 
-    def __init__(self, targets: OnlineTargets | StoredTargets, pairs: dict[int, Source]):
-        self.targets, self.pairs = targets, pairs
+    def __init__(self, targets: OnlineTargets | StoredTargets, pairs: dict[int, Source], interface: str,
+                 positions: str):
+        self.targets, self.pairs, self.interface, self.positions = targets, pairs, interface, positions
 
     def __call__(self, model, batch):
-        keep = batch["attention_mask"].bool()
+        keep = layer_positions(batch, self.positions)
         goals = self.targets(batch)
-        with tap(model, [k - 1 for k in self.pairs]) as seen:
+        with tap(model, [k - 1 for k in self.pairs], INTERFACES[self.interface]) as seen:
             logits, targets = response_logits(model, batch)
-        layer = torch.stack([1 - F.cosine_similarity(residual(seen, k - 1)[keep].float(), goals[k][keep], dim=-1
-                                                     ).mean() for k in self.pairs]).mean()
+        if not keep.any():  # every response cut by max_length: nothing to supervise, but keep the graph
+            return logits.sum() * 0.0
+        layer = torch.stack([1 - F.cosine_similarity(written(seen, k - 1, self.interface)[keep].float(),
+                                                     goals[k][keep], dim=-1).mean() for k in self.pairs]).mean()
         logits = logits.float()
         output = (1 - logits.gather(1, targets[:, None]).squeeze(1) / logits.norm(dim=-1).clamp_min(1e-8)).sum()
         return layer * len(targets) + output
 
 
 class Frontier:
-    """Final version: one frontier layer trains per stage, shallow to deep; layer loss plus the output KL.
+    """The v2 reconstruction: one frontier layer trains per stage, shallow to deep; layer loss plus the output KL.
 
     The loop calls an objective once per micro-batch, `grad_accum` per optimizer step, so the stage follows from
     the calls counted; the switch happens before a step's first micro-batch. A layer that is not the frontier has
@@ -156,8 +177,10 @@ class Frontier:
     """
 
     def __init__(self, teacher: OnlineTeacher, sources: dict[int, Source], matrix: torch.Tensor, layer_loss: str,
-                 head: torch.Tensor, vocab: int, temperature: float, total_steps: int, grad_accum: int):
+                 head: torch.Tensor, vocab: int, temperature: float, total_steps: int, grad_accum: int,
+                 interface: str, positions: str):
         self.teacher, self.sources, self.matrix, self.layer_loss = teacher, sources, matrix, layer_loss
+        self.interface, self.positions = interface, positions
         self.head, self.vocab, self.temperature = head, vocab, temperature
         self.total_steps, self.grad_accum = total_steps, grad_accum
         self.calls, self.frontier = 0, None
@@ -172,11 +195,13 @@ class Frontier:
         if k != self.frontier:
             train_only(model, {k - 1})
             self.frontier = k
-        keep = batch["attention_mask"].bool()
-        teacher_logits, states = self.teacher(batch, teacher_layers([self.sources[k]]))
-        with tap(model, [k - 1]) as seen:
+        keep = layer_positions(batch, self.positions)
+        part = INTERFACES[self.interface]
+        teacher_logits, states = self.teacher(batch, teacher_layers([self.sources[k]]), part=part)
+        with tap(model, [k - 1], part) as seen:
             logits, targets = response_logits(model, batch)
-        student, target = residual(seen, k - 1), supervisory_residual(states, self.sources[k], self.matrix)
+        student = written(seen, k - 1, self.interface)
+        target = supervisory_residual(states, self.sources[k], self.matrix, self.interface)
         if self.layer_loss == "geometry":
             layer = geometry_loss(student, target, keep)
         else:

@@ -25,7 +25,7 @@ def critical_pairs(scores: list[float], n_student: int, top: int, interpolate: b
 
 
 def window_sources(scores: list[float], n_student: int) -> dict[int, Source]:
-    """Final version: one teacher layer per student layer, the best-scoring one within ±1 of ℓ_T(k), with the
+    """v2 reconstruction: one teacher layer per student layer, the best-scoring one within ±1 of ℓ_T(k), with the
     order kept monotone (strictly, while the teacher has at least as many layers); student layer -> source."""
     n_teacher = len(scores)
     strict = n_teacher >= n_student
