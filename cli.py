@@ -290,6 +290,9 @@ def sweep(
                                                            "and their tasks' reference cells); repeatable")] = None,
     seed: Annotated[Optional[list[int]], typer.Option(help="run only this seed's cells (and their tasks' reference "
                                                            "cells); repeatable")] = None,
+    ray_storage: Annotated[str, typer.Option(help="ray: where workers write; node (each node its own folder, "
+                                                  "records sent back to this driver) or shared (the results "
+                                                  "folder is on storage every node reaches)")] = "node",
 ):
     """Run a grid of cells from a YAML file; rerunning it runs only the cells without a record."""
     _load_plugins(plugin)
@@ -299,7 +302,7 @@ def sweep(
 
     outcome = run_sweep(Sweep.load(config), ResultStore(results), executor=executor, max_parallel=max_parallel,
                         plugins=tuple(str(p) for p in plugin or ()), only=tuple(only or ()),
-                        grids=tuple(grid or ()), seeds=tuple(seed or ()))
+                        grids=tuple(grid or ()), seeds=tuple(seed or ()), storage=ray_storage)
     if outcome.failed:
         raise typer.Exit(1)
 

@@ -25,7 +25,10 @@ def versions() -> dict[str, str | None]:
 
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
-                            "cpu_count": os.cpu_count()}
+                            "cpu_count": os.cpu_count(), "node": platform.node()}
+    for name, key in (("PKT_BENCH_RAY_NODE", "ray_node"), ("CUDA_VISIBLE_DEVICES", "cuda_visible_devices")):
+        if name in os.environ:  # a Ray worker: which node ran the cell, and the devices Ray gave it
+            info[key] = os.environ[name]
     try:
         info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):

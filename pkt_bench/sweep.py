@@ -28,8 +28,9 @@ results folder's cache, so every seed and budget that does not change them reuse
 
 Executors: `local` runs the cells one after another in this process, or in `max_parallel` worker processes;
 `ray` makes each cell a Ray task with the grid's `resources` (`ray.init()` joins the cluster named by
-RAY_ADDRESS, else starts a local instance). Workers write through the same atomic store, so on a cluster the
-results folder must be shared storage.
+RAY_ADDRESS, else starts a local instance); `pkt_bench.rayexec` says where its workers write (a node's own folder,
+records sent back to the driver, by default; or a shared results folder), and what a lost node or an interrupted
+driver costs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import os
 import re
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,23 +302,28 @@ def run_cell(spec: RunSpec, results: str, plugins: tuple[str, ...] = (), threads
 
 def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_parallel: int | None = None,
               plugins: tuple[str, ...] = (), console: Console | None = None,
-              only: tuple[str, ...] = (), grids: tuple[str, ...] = (), seeds: tuple[int, ...] = ()) -> SweepOutcome:
+              only: tuple[str, ...] = (), grids: tuple[str, ...] = (), seeds: tuple[int, ...] = (),
+              storage: str = "node") -> SweepOutcome:
     """Plan the sweep, then run every cell without a record; cells that fail are reported, the rest go on.
 
     `max_parallel`: worker processes of the local executor (None: one cell at a time, here); for Ray, the
     most cells in flight (None: as many as the cluster's resources allow). `only`: run just these methods' cells
     (and the reference cells of their tasks), in the planned order; the rest wait for a later run. `grids`: the
     same, by grid name (`name:` in the YAML); `seeds`: the same, by seed (reference cells run at seed 0 whatever
-    it names). A cell must pass every filter given.
+    it names). A cell must pass every filter given. `storage`: where Ray workers write (`pkt_bench.rayexec`).
     """
     console = console or Console(stderr=True, soft_wrap=True)
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     if max_parallel is not None and max_parallel < 1:
         raise UserError(f"--max-parallel must be at least 1, got {max_parallel}")
-    execute = _ray if executor == "ray" else _local
     if executor == "ray":
-        _import_ray()
+        from pkt_bench import rayexec
+
+        rayexec.import_ray()
+        if storage not in rayexec.STORAGES:
+            raise UserError(f"unknown --ray-storage {storage!r}; use node (nothing shared: records come back to the "
+                            f"driver) or shared (the results folder is on storage every node reaches)")
     cells = sweep.plan(pin_device=executor == "ray")
     if grids:
         unknown = sorted(set(grids) - {g.name for g in sweep.grids})
@@ -377,6 +383,16 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
                                        f"planned {cell.key} (the worker resolved device or dtype differently); "
                                        f"set device: and dtype: in the config")
 
+        ref_keys: dict[tuple, list[str]] = {}
+        for c in cells:
+            if _is_reference(c):
+                ref_keys.setdefault((c.spec.teacher, c.spec.student, c.spec.tasks[0]), []).append(c.key)
+
+        def references(cell: SweepCell) -> list[dict[str, Any]]:
+            """The stored records of the reference cells `cell` reads (a Ray worker without the driver's disk)."""
+            keys = ref_keys.get((cell.spec.teacher, cell.spec.student, cell.spec.tasks[0]), [])
+            return [r for r in (store.get(k) for k in keys if k != cell.key) if r is not None]
+
         # one cell at a time, the planned order already has each grid's references before its methods; workers
         # in parallel need every reference stored before the first method starts
         sequential = executor == "local" and not max_parallel
@@ -390,7 +406,10 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
         try:
             for phase in phases:
                 if phase:
-                    execute(phase, results, plugins, max_parallel, done)
+                    if executor == "ray":
+                        rayexec.execute(phase, results, plugins, max_parallel, done, storage, references)
+                    else:
+                        _local(phase, results, plugins, max_parallel, done)
         finally:
             if previous is None:
                 os.environ.pop("PKT_BENCH_MADE_BY", None)
@@ -416,45 +435,3 @@ def _local(cells: list[SweepCell], results: str, plugins: tuple[str, ...], max_p
         futures = {pool.submit(run_cell, cell.spec, results, plugins, threads): cell for cell in cells}
         for future in as_completed(futures):
             done(futures[future], future.result())
-
-
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise UserError("the ray executor needs Ray: pip install 'pkt-bench[ray]'") from None
-    return ray
-
-
-def _ray(cells: list[SweepCell], results: str, plugins: tuple[str, ...], max_parallel: int | None,
-         done: Callable[[SweepCell, dict[str, Any]], None]) -> None:
-    """Each cell a Ray task asking for its resources; at most `max_parallel` in flight when given."""
-    ray = _import_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init()  # RAY_ADDRESS names a cluster; without it, a local instance on this machine
-    remote = ray.remote(run_cell)
-    queue: Iterator[SweepCell] = iter(cells)
-    pending: dict[Any, SweepCell] = {}
-    try:
-        while True:
-            while not max_parallel or len(pending) < max_parallel:
-                cell = next(queue, None)
-                if cell is None:
-                    break
-                threads = max(1, int(cell.resources.cpus))
-                task = remote.options(num_cpus=cell.resources.cpus, num_gpus=cell.resources.gpus)
-                pending[task.remote(cell.spec, results, plugins, threads)] = cell
-            if not pending:
-                return
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                cell = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as error:  # the worker died (out of memory, node lost): report, go on
-                    result = {"error": f"{type(error).__name__}: {error}"}
-                done(cell, result)
-    finally:
-        if started:
-            ray.shutdown()

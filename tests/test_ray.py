@@ -1,4 +1,5 @@
-"""The Ray executor on a local Ray instance yields the same records as the local executor."""
+"""The Ray executor on a local Ray instance yields the same records as the local executor (several nodes:
+test_ray_cluster.py)."""
 
 import pytest
 from rich.console import Console
@@ -45,3 +46,13 @@ def test_ray_and_local_executors_store_the_same_records(pico_pair, local_ray, tm
         assert record["metrics"] == twin["metrics"] and record["items"] == twin["items"]
         assert record["costs"] == twin["costs"] and record["references"] == twin["references"]
     assert ray.is_initialized()  # the executor leaves an instance it did not start alone
+
+
+def test_an_unknown_ray_storage_is_one_line_before_anything_runs(tmp_path):
+    from pkt_bench.api import UserError
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(GRID)
+    with pytest.raises(UserError, match="unknown --ray-storage 'nfs'; use node .* or shared"):
+        run_sweep(Sweep.load(config), ResultStore(tmp_path / "r"), executor="ray", storage="nfs")
+    assert not (tmp_path / "r").exists()
