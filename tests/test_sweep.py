@@ -234,7 +234,8 @@ def test_the_cpu_grid_parses_and_runs_seed_0_column_by_column_references_first(m
     monkeypatch.setattr("pkt_bench.runner.context_length", lambda ref: None)
     monkeypatch.setattr("pkt_bench.runner._check_format", lambda formats, pair: None)
     sweep = Sweep.load(REPO / "sweeps" / "reproduction-cpu.yaml")
-    methods = ["student", "teacher", "lora", "sensitivity", "distill", "pissa", "random-init", "teacher-random", "laten"]
+    methods = ["student", "teacher", "lora", "sensitivity", "distill", "pissa", "random-init", "teacher-random", "laten",
+               "semalign", "kd", "hidden-kd", "gkd"]
     main = [g for g in sweep.grids if g.base.transfer_data == "self" and not g.base.select]  # every method
     compared = [g for g in sweep.grids if g.base.transfer_data != "self"]  # the data factor: lora, sensitivity
     selected = [g for g in sweep.grids if g.base.select]  # lr selection on the default data: lora, sensitivity
@@ -256,5 +257,5 @@ def test_the_cpu_grid_parses_and_runs_seed_0_column_by_column_references_first(m
     assert order == sorted(order)  # seed 0, grid by grid (each column's references first), then seeds 1, 2
     assert order[0] == (0, 0, False) and order[-1][0] == 2
     assert sum(1 for *_, method in order if not method) == 2 * 4  # once per task, not per seed or data source
-    assert len({c.key for c in cells}) == len(cells) == 8 + 7 * 4 * 3 + 2 * 4 + 2 * 2
+    assert len({c.key for c in cells}) == len(cells) == 8 + 11 * 4 * 3 + 2 * 4 + 2 * 2
     assert [c.kind for c in ReportConfig.from_sweep(sweep).claims] == ["beats_baseline", "small_and_unstable"]
