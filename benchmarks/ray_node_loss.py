@@ -47,7 +47,7 @@ def main() -> None:
     pairs = "\n".join(f"  - {{teacher: {t}, student: {s}}}" for t, s in PAIRS)
     config = out / "sweep.yaml"
     config.write_text(f"methods: [{', '.join(METHODS)}]\nseeds: {list(range(args.seeds))}\ntasks: [probe]\n"
-                      f"device: cpu\nbudget: {{examples: 64, epochs: 3}}\nresources: {{cpus: 1}}\npairs:\n{pairs}\n")
+                      f"device: cpu\nbackend: hf\nbudget: {{examples: 64, epochs: 3}}\nresources: {{cpus: 1}}\npairs:\n{pairs}\n")
     quiet = Console(file=open(os.devnull, "w"))
     started = time.time()
     local = run_sweep(Sweep.load(config), ResultStore(out / "local"), console=quiet)
