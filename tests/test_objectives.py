@@ -142,6 +142,10 @@ def test_the_hidden_kd_objective_on_models_matches_the_formula_on_their_own_stat
         assert objective(student, batch).item() == pytest.approx(expected.item(), rel=1e-4)
     assert objective.first_terms["hidden_mse"] == pytest.approx(mse.item(), rel=1e-4)
     assert objective.first_terms["ce"] == pytest.approx(ce.item() / len(targets), rel=1e-4)
+    # the scale of the hint term against the CE at step 0, as the record states it
+    assert objective.first_terms["weight"] == 0.7
+    assert objective.first_terms["weighted_hidden_over_ce"] == pytest.approx(
+        0.7 * mse.item() / (ce.item() / len(targets)), rel=1e-4)
 
 
 def test_a_method_version_enters_the_key_only_where_a_method_declares_one(pico_pair):
