@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from pkt_bench.api import UserError
-
-from pkt_bench.api import UserError
 from pkt_bench.spec import SCHEMA_VERSION
 
 
