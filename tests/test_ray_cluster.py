@@ -5,6 +5,7 @@ writes: records come back through Ray."""
 
 import json
 import os
+import signal
 import threading
 import time
 
@@ -152,6 +153,37 @@ resources: {cpus: 0.5, gpus: 0.5}
         first, second = sorted(pair, key=lambda r: r["start"])
         assert second["start"] < first["end"]
     assert {r["environment"]["hardware"]["cuda_visible_devices"] for r in records(tmp_path / "ray").values()} == {"0"}
+
+
+def test_sigterm_of_the_driver_cancels_the_cells_in_flight_and_keeps_the_records(pico_pair, cluster, plugin,
+                                                                                    tmp_path):
+    log = cluster[3]
+    log.unlink(missing_ok=True)
+    config = write_sweep(tmp_path, """\
+methods: [{method: sleepy, method_config: {seconds: 6}}]
+tasks: [probe]
+seeds: [0, 1, 2, 3, 4, 5]
+limit: 5
+device: cpu
+references: false
+resources: {cpus: 1}
+""")
+    store = ResultStore(tmp_path / "ray")
+
+    def stop_when_two_are_stored():
+        deadline = time.time() + 180
+        while len(list(store.records())) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would stop the driver
+
+    threading.Thread(target=stop_when_two_are_stored, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(Sweep.load(config), store, executor="ray", console=quiet(), plugins=plugin)
+    kept = set(records(tmp_path / "ray"))
+    assert 2 <= len(kept) < 6  # the finished records stay; the cells in flight were cancelled
+    rest = run_sweep(Sweep.load(config), store, executor="ray", console=quiet(), plugins=plugin)
+    assert rest.stored_before == len(kept) and rest.ran == 6 - len(kept) and not rest.failed
+    assert len(records(tmp_path / "ray")) == 6
 
 
 def test_a_worker_node_lost_mid_sweep_costs_a_retry_not_the_sweep(pico_pair, cluster, plugin, tmp_path):
