@@ -5,8 +5,8 @@ Loss is cross-entropy on response tokens only, averaged over all response tokens
 gradient accumulation gives the same step as one big batch). A method may pass its own `objective(model, batch)`
 returning a loss summed over the micro-batch's response tokens (distillation adds teacher terms); an objective
 that is a `torch.nn.Module` (a learned projection) has its trainable parameters in the optimizer too. AdamW,
-linear warmup then linear decay (or a constant rate: `Budget.schedule`), gradient clipping, seeded shuffling. The model is trained in the dtype it was
-loaded in (bf16 on CUDA by default); PEFT keeps adapter weights in fp32.
+linear warmup then linear decay (or a constant rate: `Budget.schedule`), gradient clipping, seeded shuffling. The
+model is trained in the dtype it was loaded in (bf16 on CUDA by default); PEFT keeps adapter weights in fp32.
 
 Memory: the LM head runs only at the positions that predict a response token, and the default loss takes its
 cross-entropy over those in chunks of `LOSS_CHUNK` tokens, each recomputed in the backward pass, so no
@@ -82,7 +82,8 @@ def response_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     """
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state  # [B, T, d]
-    return hidden[response_positions(batch)], batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+    keep = response_positions(batch)
+    return hidden[keep], batch["labels"][:, 1:][keep[:, :-1]]
 
 
 def response_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -85,17 +85,15 @@ class Budget:
     def keyed(self) -> dict[str, Any]:
         """The budget as cell keys and records' `cell` see it: `NEUTRAL_BUDGET_FIELDS` at their defaults, and
         `LATER_BUDGET_FIELDS` left out at theirs (so keys made before those fields existed still hold)."""
-        out = {**dataclasses.asdict(self),
-               **{f.name: f.default for f in dataclasses.fields(self) if f.name in NEUTRAL_BUDGET_FIELDS}}
-        return {k: v for k, v in out.items() if not (k in LATER_BUDGET_FIELDS and v == _DEFAULTS[k])}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        out = {**dataclasses.asdict(self), **{k: defaults[k] for k in NEUTRAL_BUDGET_FIELDS}}
+        return {k: v for k, v in out.items() if not (k in LATER_BUDGET_FIELDS and v == defaults[k])}
 
     def optimizer_steps(self, n_examples: int) -> int:
         """Optimizer steps the shared loop takes on `n_examples` (the last accumulation group may be short)."""
         micro_batches = math.ceil(n_examples / self.batch_size) * self.epochs
         return math.ceil(micro_batches / self.grad_accum)
 
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Budget)}
 
 BUDGET_PRESETS: dict[str, dict[str, Any]] = {
     "seeking": dict(examples=1000, epochs=3, batch_size=8, grad_accum=8, lr=3e-4, warmup_ratio=0.03,
