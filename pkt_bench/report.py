@@ -70,7 +70,7 @@ from rich.console import Console
 
 from pkt_bench.api import UserError
 from pkt_bench.leaderboard import ALPHA, Score, items_by_id, model_identity, render, scores
-from pkt_bench.store import ResultStore
+from pkt_bench.store import ResultStore, failure_reason
 from pkt_bench.sweep import Grid, Sweep, SweepOutcome, run_sweep
 
 KINDS = ("beats_baseline", "small_and_unstable")
@@ -318,16 +318,17 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     else:
         cells = sweep.plan()
         outcome = SweepOutcome(cells, sum(store.path(c.key).exists() for c in cells), 0, {})
+    failed = _failed(outcome, store)
     figures = out.parent / out.stem
     sections, summary = [], defaultdict(list)
     for grid in sweep.grids:
         records = [_named(r) for r in (store.get(c.key) for c in grid.cells) if r is not None]
         if not records:
-            failed = sum(c.label in outcome.failed for c in grid.cells)
-            why = (f"{failed} of its {len(grid.cells)} cells failed" if failed == len(grid.cells) else
-                   f"{len(grid.cells) - failed} of its {len(grid.cells)} cells are pending" +
-                   (f" and {failed} failed" if failed else ""))
-            sections.append(f"## {grid.name}\n\nNo records yet: {why}.\n")
+            n = sum(c.key in failed for c in grid.cells)
+            why = (f"{n} of its {len(grid.cells)} cells failed" if n == len(grid.cells) else
+                   f"{len(grid.cells) - n} of its {len(grid.cells)} cells are pending" + (f" and {n} failed" if n else ""))
+            sections.append(f"## {grid.name}\n\nNo records yet: {why}.\n" + "\n".join(
+                f"- {c.label}: {failed[c.key]}" for c in grid.cells if c.key in failed) + "\n")
             continue
         has_baseline = any(r["method"] == config.baseline for r in records)
         # the leaderboard resolves the baseline name; a Δ across budgets is shown marked, never hidden
@@ -336,7 +337,8 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
         for i, found in enumerate(findings):
             summary[i] += found
         devices = sorted({f"{r['cell'].get('device_type')}, {r['cell'].get('dtype')}" for r in records})
-        sections.append(_grid_section(grid, rows, findings, config, figures, out.parent, devices, records))
+        sections.append(_grid_section(grid, rows, findings, config, figures, out.parent, devices, records,
+                                      [(c, failed[c.key]) for c in grid.cells if c.key in failed]))
     for i, claim in enumerate(config.claims):
         if claim.kind == "beats_baseline" and claim.most_on:
             summary[i] += most_on(claim.most_on, summary[i])
@@ -344,7 +346,7 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     if len({(model_identity(r, "teacher"), model_identity(r, "student")) for r in every}) > 1:
         sections.append(_ladder_section(every, config.baseline, figures, out.parent))
     notes = [config.notes + "\n"] if config.notes else []
-    text = "\n".join([_header(config, sweep, store, outcome, command), *notes, _summary(config, summary), *sections,
+    text = "\n".join([_header(config, sweep, store, outcome, command, failed), *notes, _summary(config, summary), *sections,
                       _method_notes()])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -367,14 +369,30 @@ def _commits(records: list[dict[str, Any]]) -> str:
             + (f"; {dirty} from uncommitted code (diffs beside the records)" if dirty else ""))
 
 
-def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any, command: str) -> str:
+def _failed(outcome: SweepOutcome, store: ResultStore) -> dict[str, str]:
+    """Cell key -> why it has no record, for every planned cell that failed (in this run or an earlier one, as
+    the store's failure notes say) or whose process ended without its record; cells running now are left out."""
+    failed = {}
+    for cell in outcome.cells:
+        note = store.failure(cell.key)
+        reason = failure_reason(note) if note else None
+        if reason is None and cell.label in outcome.failed:
+            reason = f"failed: {outcome.failed[cell.label]}"
+        if reason is not None and not store.path(cell.key).exists():
+            failed[cell.key] = reason
+    return failed
+
+
+def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any, command: str,
+            failures: dict[str, str]) -> str:
     stored = [r for c in outcome.cells if (r := store.get(c.key)) is not None]
     machines = sorted({_machine(r["environment"]) for r in stored})
     failed = ""
-    if outcome.failed:
-        failed = (f"\n**Incomplete: {len(outcome.failed)} cells failed** and are missing from the tables: "
-                  + "; ".join(f"{label} ({error})" for label, error in outcome.failed.items()) + "\n")
-    pending = [c for c in outcome.cells if not store.path(c.key).exists() and c.label not in outcome.failed]
+    if failures:
+        failed = (f"\n**Incomplete: {len(failures)} cells failed** and have no record (each grid's cost table "
+                  f"lists them): " + "; ".join(f"{c.label} ({failures[c.key]})" for c in outcome.cells
+                                               if c.key in failures) + "\n")
+    pending = [c for c in outcome.cells if not store.path(c.key).exists() and c.key not in failures]
     if pending:
         methods: dict[tuple[str, int], list[str]] = defaultdict(list)
         from pkt_bench.registry import METHODS
@@ -426,7 +444,8 @@ def _summary(config: ReportConfig, summary: dict[int, list[Finding]]) -> str:
 
 
 def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], config: ReportConfig,
-                  figures: Path, relative_to: Path, devices: list[str], records: list[dict[str, Any]]) -> str:
+                  figures: Path, relative_to: Path, devices: list[str], records: list[dict[str, Any]],
+                  failed: list[tuple[Any, str]]) -> str:
     from pkt_bench.plots import plot
 
     b = grid.base.budget
@@ -447,7 +466,7 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
     for path in plot(rows, figures / slug):
         parts.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
     parts.append("")
-    parts += _cell_costs(records)
+    parts += _cell_costs(records, failed)
     parts += _controls_table(rows, config)
     for claim, found in zip(config.claims, findings):
         parts += [f"**{claim.paper}: \"{claim.claim}\"** on this grid: **{overall(found)}**", ""]
@@ -486,9 +505,9 @@ def _warnings(rows: list[Score], records: list[dict[str, Any]], baseline: str) -
     return lines + [""] if lines else []
 
 
-def _cell_costs(records: list[dict[str, Any]]) -> list[str]:
+def _cell_costs(records: list[dict[str, Any]], failed: list[tuple[Any, str]]) -> list[str]:
     """Each cell's wall time, per stage and in all, its peak resident memory (and CUDA's, where used), and how much
-    of the student's behaviour it left as it was."""
+    of the student's behaviour it left as it was; then each failed cell (a `SweepCell`) with the reason."""
     from pkt_bench.runner import STAGES
 
     by_key = {r.get("key"): r for r in records}
@@ -507,6 +526,10 @@ def _cell_costs(records: list[dict[str, Any]]) -> list[str]:
         same = f"{_same_items(r, student):.0%}" if student is not None else ""
         lines.append(f"| {r['method']} | {r['task']} | {r['seed']} | " + " | ".join(seconds) +
                      f" | {r.get('wall_s') or 0:,.1f} | {rss:.1f} | {f'{cuda:.1f}' if cuda else ''} | {same} |")
+    for cell, reason in sorted(failed, key=lambda f: (f[0].spec.tasks[0], f[0].spec.seed, f[0].spec.method)):
+        reason = reason.replace("|", "\\|")  # a table cell
+        lines.append(f"| {cell.spec.method} | {cell.spec.tasks[0]} | {cell.spec.seed} | **{reason}** |"
+                     + " |" * (len(STAGES) + 3))
     return [*lines, ""]
 
 

@@ -3,7 +3,8 @@
 Records are written atomically (a unique temp file in the same folder, fsync, rename), so a reader never sees
 a half-written record and a crash leaves the previous record, if any, untouched. Artifacts of a cell live in
 `<root>/artifacts/<key>/`; folders that methods reuse across cells (extractions, teacher generations) in
-`<root>/cache/`.
+`<root>/cache/`. A cell that failed, or whose process ended without writing its record, has its attempts in
+`<root>/failures/<key>.json` (removed once its record is stored), so a report made later still names it.
 
 Record schema (version `SCHEMA_VERSION`): key, cell (what defines it), task_version, metrics, primary_metric,
 items (per-item outcomes), costs (examples seen, optimizer steps, ...), stages (wall time and peak memory),
@@ -101,19 +102,41 @@ class ResultStore:
 
     def put(self, record: dict[str, Any]) -> Path:
         assert record["schema_version"] == SCHEMA_VERSION and record["key"]
-        self.records_dir.mkdir(parents=True, exist_ok=True)
-        target = self.path(record["key"])
-        fd, tmp = tempfile.mkstemp(dir=self.records_dir, prefix=f".{record['key']}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(record, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        target = _write_json(self.path(record["key"]), record)
+        self.failure_path(record["key"]).unlink(missing_ok=True)  # the cell has its record now
         return target
+
+    def failure_path(self, key: str) -> Path:
+        return self.root / "failures" / f"{key}.json"
+
+    def failure(self, key: str) -> dict[str, Any] | None:
+        """The attempts of a cell without a record: {key, label, attempts: [{at, host, pid, error}]}, where an
+        attempt whose error is None was started and never finished (running now, or its process died)."""
+        path = self.failure_path(key)
+        if not path.exists() or self.path(key).exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # a failure note is advisory: unreadable, it names nothing
+
+    def note_attempt(self, key: str, label: str, error: str | None = None) -> None:
+        """Note that this process starts the cell (`error` None) or that its attempt failed with `error` (the
+        attempt this process started, or a new one when it started none: a worker elsewhere ran it)."""
+        import socket
+        from datetime import datetime, timezone
+
+        note = self.failure(key) or {"key": key, "label": label, "attempts": []}
+        attempts = note["attempts"]
+        host, pid = socket.gethostname(), os.getpid()
+        if error is not None and attempts and attempts[-1]["error"] is None and (attempts[-1]["host"],
+                                                                                  attempts[-1]["pid"]) == (host, pid):
+            attempts[-1]["error"] = error
+        else:
+            attempts.append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": host, "pid": pid,
+                             "error": error})
+        _write_json(self.failure_path(key), {**note, "label": label})
+
 
     def put_diff(self, diff: str) -> dict[str, str]:
         """Store the uncommitted changes a record was made with, once per content, as `diffs/<sha256>.diff`
@@ -144,3 +167,45 @@ class ResultStore:
                       f"this pkt-bench reads {SCHEMA_VERSION}", file=sys.stderr)
                 continue
             yield record
+
+
+def failure_reason(note: dict[str, Any]) -> str | None:
+    """What a report says of a cell without a record, from its attempts: None while a process on this machine is
+    still running it."""
+    import socket
+
+    attempts = note["attempts"]
+    last = attempts[-1]
+    if last["error"] is None:
+        if last["host"] == socket.gethostname() and _alive(last["pid"]):
+            return None
+        why = f"its process ended without a record (killed, or out of memory?) on {last['host']} at {last['at']}"
+    else:
+        why = last["error"]
+    return f"failed, {len(attempts)} attempt{'s' * (len(attempts) > 1)}: {why}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_json(target: Path, data: dict[str, Any]) -> Path:
+    """Write `data` to `target` atomically: a unique temp file in the same folder, fsync, rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

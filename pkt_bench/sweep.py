@@ -368,20 +368,33 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
         overall = progress.add_task("[bold]all cells", total=len(cells), completed=outcome.stored_before)
         bars = {m: progress.add_task(f"  {m}", total=totals[m], completed=stored[m]) for m in totals}
 
+        retry: list[SweepCell] = []  # cells that failed their first attempt in this run
+
         def done(cell: SweepCell, result: dict[str, Any]) -> None:
+            if "error" in result:
+                error = result["error"].strip().splitlines()[-1][:300]
+                store.note_attempt(cell.key, cell.label, error)
+                if cell.key not in tried:
+                    tried.add(cell.key)
+                    retry.append(cell)
+                    progress.console.print(f"[yellow]failed, will retry once[/] {escape(cell.label)}:\n"
+                                           f"{escape(result['error'])}", highlight=False)
+                    return
+                outcome.failed[cell.label] = error
+                progress.console.print(f"[red]failed again[/] {escape(cell.label)}:\n{escape(result['error'])}",
+                                       highlight=False)
+            else:
+                outcome.ran += 1
+                progress.console.print(f"{cell.label}: {result['metric']} {result['score']:.3f}"
+                                       f" ({result['wall_s'] or 0:.1f}s)", markup=False, highlight=False)
+                if result["key"] != cell.key:
+                    progress.console.print(f"[yellow]warning[/]: {escape(cell.label)} was stored under key "
+                                           f"{result['key']}, planned {cell.key} (the worker resolved device or "
+                                           f"dtype differently); set device: and dtype: in the config")
             progress.advance(overall)
             progress.advance(bars[cell.spec.method])
-            if "error" in result:
-                outcome.failed[cell.label] = result["error"].strip().splitlines()[-1]
-                progress.console.print(f"[red]failed[/] {escape(cell.label)}:\n{escape(result['error'])}", highlight=False)
-                return
-            outcome.ran += 1
-            progress.console.print(f"{cell.label}: {result['metric']} {result['score']:.3f}"
-                                   f" ({result['wall_s'] or 0:.1f}s)", markup=False, highlight=False)
-            if result["key"] != cell.key:
-                progress.console.print(f"[yellow]warning[/]: {escape(cell.label)} was stored under key {result['key']}, "
-                                       f"planned {cell.key} (the worker resolved device or dtype differently); "
-                                       f"set device: and dtype: in the config")
+
+        tried: set[str] = set()
 
         ref_keys: dict[tuple, list[str]] = {}
         for c in cells:
@@ -405,11 +418,12 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
         os.environ["PKT_BENCH_MADE_BY"] = made_by()
         try:
             for phase in phases:
-                if phase:
+                while phase:  # a cell that fails is retried once, after the others of its phase
                     if executor == "ray":
                         rayexec.execute(phase, results, plugins, max_parallel, done, storage, references)
                     else:
-                        _local(phase, results, plugins, max_parallel, done)
+                        _local(phase, store, plugins, max_parallel, done)
+                    phase, retry[:] = list(retry), []
         finally:
             if previous is None:
                 os.environ.pop("PKT_BENCH_MADE_BY", None)
@@ -420,18 +434,27 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
     return outcome
 
 
-def _local(cells: list[SweepCell], results: str, plugins: tuple[str, ...], max_parallel: int | None,
+def _local(cells: list[SweepCell], store: ResultStore, plugins: tuple[str, ...], max_parallel: int | None,
            done: Callable[[SweepCell, dict[str, Any]], None]) -> None:
-    """One cell after another here, or `max_parallel` spawned worker processes sharing the CPU cores."""
+    """One cell after another here, or `max_parallel` spawned worker processes sharing the CPU cores. A cell run
+    here is noted as started first, so if this process dies in it (the OOM killer) a later report still names it."""
+    results = str(store.root.resolve())
     if not max_parallel:
         for cell in cells:
+            store.note_attempt(cell.key, cell.label)
             done(cell, run_cell(cell.spec, results))
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, (os.cpu_count() or 1) // max_parallel)
     with ProcessPoolExecutor(max_parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_cell, cell.spec, results, plugins, threads): cell for cell in cells}
         for future in as_completed(futures):
-            done(futures[future], future.result())
+            try:
+                result = future.result()
+            except BrokenProcessPool:  # a worker died (killed, out of memory): every unfinished cell ends here
+                result = {"error": "BrokenProcessPool: a worker process died (killed, or out of memory?) while this "
+                                   "cell ran or waited for a worker"}
+            done(futures[future], result)

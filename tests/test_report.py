@@ -219,7 +219,7 @@ def test_the_cost_table_shows_how_much_of_the_student_a_method_left_as_it_was():
     half = {**_record("half", "T", "S", 0, 20), "key": "b", "references": {"student": {"key": "s"}}}
     half["items"] = [dict(item, output="changed") if i % 2 else item for i, item in enumerate(half["items"])]
     orphan = {**_record("orphan", "T", "S", 0, 20), "key": "c", "references": {"student": {"key": "elsewhere"}}}
-    lines = _cell_costs([student, same, half, orphan])
+    lines = _cell_costs([student, same, half, orphan], [])
     rows = {cells[1].strip(): cells[-2].strip() for line in lines[lines.index("") + 3:] if (cells := line.split("|"))[1:]}
     # identical items at the same score are the sign of a method that changed nothing; the share says how many
     assert rows == {"student": "", "no-op": "100%", "half": "50%", "orphan": ""}

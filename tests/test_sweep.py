@@ -7,7 +7,7 @@ from helpers import REPO, cli, tree_digest
 from rich.console import Console
 
 from pkt_bench.api import UserError
-from pkt_bench.report import ReportConfig
+from pkt_bench.report import ReportConfig, write_report
 from pkt_bench.runner import plan
 from pkt_bench.store import ResultStore
 from pkt_bench.sweep import Sweep, run_sweep
@@ -175,17 +175,57 @@ def test_a_failing_cell_is_reported_and_the_rest_go_on(swept, tmp_path, monkeypa
 
     real = pkt_bench.runner._run_cell
 
+    calls = []
+
     def fail_lora(cell, *args, **kwargs):
         if cell.method.name == "lora":
-            raise RuntimeError("out of memory (simulated)")
+            calls.append(cell.spec.seed)
+            raise RuntimeError(f"out of memory (simulated, attempt {len(calls)})")
         return real(cell, *args, **kwargs)
 
     monkeypatch.setattr(pkt_bench.runner, "_run_cell", fail_lora)
     fresh = ResultStore(tmp_path / "results")
-    outcome = run_sweep(Sweep.load(broken), fresh, console=quiet())
-    assert outcome.ran == 2 and list(outcome.failed.values()) == ["RuntimeError: out of memory (simulated)"]
+    sweep = Sweep.load(broken)
+    outcome = run_sweep(sweep, fresh, console=quiet())
+    assert calls == [7, 7]  # retried once, then reported
+    assert outcome.ran == 2 and list(outcome.failed.values()) == ["RuntimeError: out of memory (simulated, attempt 2)"]
     assert {r["method"] for r in fresh.records()} == {"student", "teacher"}
     assert all(json.loads(p.read_text()) for p in fresh.records_dir.glob("*.json"))
+    [lora] = [c for c in outcome.cells if c.spec.method == "lora"]
+    note = fresh.failure(lora.key)
+    assert [a["error"] for a in note["attempts"]] == [f"RuntimeError: out of memory (simulated, attempt {n})"
+                                                      for n in (1, 2)]
+    # a report written later, from the records alone, names the failure in the header and in the grid's table
+    out = tmp_path / "report.md"
+    write_report(sweep, fresh, out, "test", run=False)
+    text = out.read_text()
+    reason = "failed, 2 attempts: RuntimeError: out of memory (simulated, attempt 2)"
+    assert f"**Incomplete: 1 cells failed**" in text and f"({reason})" in text
+    assert f"| lora | probe | 7 | **{reason}** |" in text
+    assert "cells have no record yet" not in text  # a failed cell is not called pending
+
+
+def test_a_cell_that_fails_once_is_retried_and_its_failure_note_removed(swept, tmp_path, monkeypatch):
+    _, store, _ = swept
+    config = write(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [8]"))
+    import pkt_bench.runner
+
+    real = pkt_bench.runner._run_cell
+    calls = []
+
+    def fail_lora_once(cell, *args, **kwargs):
+        if cell.method.name == "lora":
+            calls.append(cell.spec.seed)
+            if len(calls) == 1:
+                raise RuntimeError("killed by a flaky file system (simulated)")
+        return real(cell, *args, **kwargs)
+
+    monkeypatch.setattr(pkt_bench.runner, "_run_cell", fail_lora_once)
+    fresh = ResultStore(tmp_path / "results")
+    outcome = run_sweep(Sweep.load(config), fresh, console=quiet())
+    assert calls == [8, 8] and outcome.ran == 3 and not outcome.failed
+    assert {r["method"] for r in fresh.records()} == {"student", "teacher", "lora"}
+    assert not list((fresh.root / "failures").glob("*.json"))  # the record replaced the note
 
 
 def test_reference_evaluations_are_reused_by_other_methods_and_seeds(swept):
