@@ -37,14 +37,16 @@ def test_kd_loss_is_the_written_formula():
     teacher[:, 4] = student[:, 4] = torch.tensor([6.0, -4.0, 5.0])
     student[:, 4] = torch.tensor([-3.0, 5.0, 0.0])
     targets = torch.tensor([0, 3, 1])
-    loss, ce, kl = kd_loss(student, teacher, targets, beta=0.3, temperature=2.0, vocab=4)
-    expected = kd_reference(student, teacher, targets, 0.3, 2.0, 4)
+    # T = 3: at T = 2, T² and 2T are the same number
+    loss, ce, kl = kd_loss(student, teacher, targets, beta=0.3, temperature=3.0, vocab=4)
+    expected = kd_reference(student, teacher, targets, 0.3, 3.0, 4)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # the inputs tell the variants apart: the reversed KL, no T², T once more, β swapped, the padded column kept
-    variants = [kd_reference(teacher, student, targets, 0.3, 2.0, 4), kd_reference(student, teacher, targets, 0.3, 1.0, 4),
-                kd_reference(student, teacher, targets, 0.7, 2.0, 4), kd_reference(student, teacher, targets, 0.3, 2.0, 5)]
+    variants = [kd_reference(teacher, student, targets, 0.3, 3.0, 4), kd_reference(student, teacher, targets, 0.3, 1.0, 4),
+                kd_reference(student, teacher, targets, 0.7, 3.0, 4), kd_reference(student, teacher, targets, 0.3, 3.0, 5)]
     assert all(abs(v.item() - expected.item()) > 1e-2 * abs(expected.item()) for v in variants)
-    assert abs((0.7 * ce + 0.3 * kl).item() - expected.item()) > 1e-2  # T² dropped
+    for wrong in (0.7 * ce + 0.3 * kl, 0.7 * ce + 0.3 * 6.0 * kl):  # T² dropped; 2T for T²
+        assert abs(wrong.item() - expected.item()) > 1e-2
 
 
 def response_rows(model, batch):
@@ -75,15 +77,19 @@ def test_the_kd_objective_on_models_matches_the_formula_on_their_own_logits(tiny
     pair = ModelPair.resolve(str(tiny_models[f"{family}-teacher"]), str(tiny_models[f"{family}-student"]))
     (teacher, tokenizer), (student, _) = pair.load("teacher"), pair.load("student")
     batch = a_batch(tokenizer)
-    vocab = len(tokenizer)
+    vocab = len(tokenizer) - 3  # a shared vocabulary narrower than the heads: the KL must leave the rest out
     with torch.no_grad():
         t_logits, targets = response_rows(teacher, batch)
         s_logits, _ = response_rows(student, batch)
-    expected = kd_reference(s_logits, t_logits, targets, 0.3, 2.0, vocab)
-    objective = Distillation(OnlineTeacher(teacher, {}), 0.3, 2.0, vocab)
+    expected = kd_reference(s_logits, t_logits, targets, 0.3, 3.0, vocab)
+    assert abs(kd_reference(s_logits, t_logits, targets, 0.3, 3.0, None).item() - expected.item()) > 1e-4
+    objective = Distillation(OnlineTeacher(teacher, {}), 0.3, 3.0, vocab)
     assert objective(student, batch).item() == pytest.approx(expected.item(), rel=1e-4)
-    assert objective.first_terms["ce"] == pytest.approx(
-        kd_reference(s_logits, t_logits, targets, 0.0, 2.0, vocab).item() / len(targets), rel=1e-4)
+    n = len(targets)
+    ce = kd_reference(s_logits, t_logits, targets, 0.0, 3.0, vocab).item()
+    kl = kd_reference(s_logits, t_logits, targets, 1.0, 3.0, vocab).item() / 9.0
+    assert objective.first_terms == pytest.approx({"ce": ce / n, "kl": kl / n, "beta": 0.3, "temperature": 3.0},
+                                                  rel=1e-3)  # the KL per token is small here (fp32 rounding)
 
 
 def test_hint_loss_is_the_written_formula():
