@@ -246,6 +246,12 @@ def test_semalign_v1_is_the_written_formula_on_the_models_own_sublayer_outputs(t
         assert value({2: (2, 3, 0.25)}) == pytest.approx(expected(a=2, b=3, lam=0.25).item(), rel=1e-5)
         assert value({2: (3, 3, 0.0)}, "write", "all") == pytest.approx(
             expected("write", batch["attention_mask"].bool()).item(), rel=1e-5)
+        assert value({2: (2, 3, 0.25)}, "write", "all") == pytest.approx(  # both interpolated terms are writes
+            expected("write", batch["attention_mask"].bool(), a=2, b=3, lam=0.25).item(), rel=1e-5)
+        unsupervised = {**batch, "labels": torch.full_like(batch["labels"], -100)}  # every response cut off
+        nothing = Cosine(OnlineTargets(OnlineTeacher(teacher, {}), {2: (3, 3, 0.0)}, m.float(), "mlp"),
+                         {2: (3, 3, 0.0)}, "mlp", "response")(student, unsupervised)
+        assert nothing.item() == 0.0
         # the inputs tell apart: the whole layer's write, the attention's, every token, another student or
         # teacher layer, the interpolation weight reversed, the target's sign
         variants = [expected("write"), expected("attention"), expected(keep=batch["attention_mask"].bool()),
