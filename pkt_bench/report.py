@@ -467,6 +467,7 @@ def _grid_section(grid: Grid, rows: list[Score], findings: list[list[Finding]], 
         parts.append(f"![{path.stem}]({path.relative_to(relative_to).as_posix()})")
     parts.append("")
     parts += _cell_costs(records, failed)
+    parts += _selection_table(records)
     parts += _controls_table(rows, config)
     for claim, found in zip(config.claims, findings):
         parts += [f"**{claim.paper}: \"{claim.claim}\"** on this grid: **{overall(found)}**", ""]
@@ -530,6 +531,27 @@ def _cell_costs(records: list[dict[str, Any]], failed: list[tuple[Any, str]]) ->
         reason = reason.replace("|", "\\|")  # a table cell
         lines.append(f"| {cell.spec.method} | {cell.spec.tasks[0]} | {cell.spec.seed} | **{reason}** |"
                      + " |" * (len(STAGES) + 3))
+    return [*lines, ""]
+
+
+def _selection_table(records: list[dict[str, Any]]) -> list[str]:
+    """The learning-rate trials of cells that selected one (`select:`): each trial's validation score and loss,
+    and the one evaluated on the test items."""
+    chosen = [r for r in records if r.get("selection")]
+    if not chosen:
+        return []
+    lines = ["Learning-rate selection (each trial a whole fine-tune, scored on the validation split; the chosen one, "
+             "in bold, is the one evaluated on the test items):", "",
+             "| method | task | seed | lr | validation score | validation loss after | optimizer steps |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(chosen, key=lambda r: (r["task"], r["seed"], r["method"])):
+        selection = r["selection"]
+        for trial in selection["trials"]:
+            mark = "**" if trial["lr"] == selection["winner"]["lr"] else ""
+            loss = trial.get("validation_loss_after")
+            lines.append(f"| {r['method']} | {r['task']} | {r['seed']} | {mark}{trial['lr']:g}{mark} | "
+                         f"{mark}{trial['validation_score']:.3f}{mark} (of {selection['examples']}) | "
+                         f"{'' if loss is None else f'{loss:.4f}'} | {trial.get('optimizer_steps', '')} |")
     return [*lines, ""]
 
 

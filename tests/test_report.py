@@ -268,3 +268,20 @@ def test_a_small_gains_claim_is_also_judged_against_the_student_where_the_baseli
     assert against.verdict == "partly supported"  # small (no gain at all) but stable: the rule's "partly"
     healthy = [_record("student", "T", "S", 0, 5)] + records[1:]
     assert [f.task for f in judge(config, scores(healthy, baseline="lora"), healthy)[1]] == ["probe"]
+
+
+def test_the_report_shows_every_learning_rate_trial_and_marks_the_chosen_one():
+    from pkt_bench.report import _selection_table
+
+    selection = {"on": "validation", "examples": 50, "validation_ids": [], "winner": {"lr": 3e-4},
+                 "trials": [{"lr": 1e-4, "validation_score": 0.5, "validation_loss_after": 0.71, "optimizer_steps": 16},
+                            {"lr": 3e-4, "validation_score": 0.54, "validation_loss_after": 0.65, "optimizer_steps": 16},
+                            {"lr": 1e-3, "validation_score": 0.54, "validation_loss_after": None,
+                             "optimizer_steps": 16}]}
+    lines = _selection_table([{"method": "lora", "task": "humaneval", "seed": 0, "selection": selection},
+                              {"method": "student", "task": "humaneval", "seed": 0}])
+    rows = [line for line in lines if line.startswith("| lora")]
+    assert rows == ["| lora | humaneval | 0 | 0.0001 | 0.500 (of 50) | 0.7100 | 16 |",
+                    "| lora | humaneval | 0 | **0.0003** | **0.540** (of 50) | 0.6500 | 16 |",
+                    "| lora | humaneval | 0 | 0.001 | 0.540 (of 50) |  | 16 |"]
+    assert _selection_table([{"method": "student", "task": "humaneval", "seed": 0}]) == []
