@@ -96,6 +96,12 @@ def test_the_on_policy_batch_keeps_each_prompt_and_labels_only_the_answer(tiny_m
     assert out["input_ids"].tolist() == [p0 + [7, 8], p1 + [9] + [pad] * (len(p0) + 1 - len(p1))]
     assert out["labels"].tolist() == [[-100] * len(p0) + [7, 8], [-100] * len(p1) + [9] + [-100] * (len(p0) + 1 - len(p1))]
     assert out["attention_mask"].sum(1).tolist() == [len(p0) + 2, len(p1) + 1]
+    # a row whose answer was cut off (no label left): all of its tokens are the prompt, its padding is not
+    cut = {**batch, "labels": batch["labels"].clone()}
+    cut["labels"][1] = -100
+    seen.clear()
+    on_policy_batch(None, cut, Sampling(4, 1.0, (2,), tokenizer.pad_token_id))
+    assert seen == [p0, p1 + tokenizer(" w9", add_special_tokens=False).input_ids]
 
 
 @pytest.mark.parametrize("family,beta", [("llama", 0.0), ("qwen2", 0.4)])
@@ -131,13 +137,17 @@ def test_with_lambda_zero_the_divergence_runs_on_the_train_answers(tiny_models):
     pair = ModelPair.resolve(str(tiny_models["llama-teacher"]), str(tiny_models["llama-student"]))
     (teacher, tokenizer), (student, _) = pair.load("teacher"), pair.load("student")
     batch = a_batch(tokenizer)
-    costs = {}
-    objective = OnPolicyDistillation(OnlineTeacher(teacher, costs), 0.0, 0.0, Sampling(6, 0.9, (1,), 0),
-                                     len(tokenizer), costs, 0)
-    with torch.no_grad():
-        loss = objective(student, batch).item()
-        targets = batch["labels"][:, 1:] != -100
-        s, t = student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1][targets], \
-            teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1][targets]
-    assert loss == pytest.approx(jsd_reference(s, t, 0.0).item(), rel=1e-4)  # mean × count = the sum
-    assert "student_tokens_generated" not in costs
+    early = {**batch, "labels": batch["labels"].clone()}  # row 2 answers from its second token on (a 1-token prompt)
+    length = int(batch["attention_mask"][1].sum())
+    early["labels"][1, 1:length] = batch["input_ids"][1, 1:length]
+    for batch in (batch, early):
+        costs = {}
+        objective = OnPolicyDistillation(OnlineTeacher(teacher, costs), 0.0, 0.0, Sampling(6, 0.9, (1,), 0),
+                                         len(tokenizer), costs, 0)
+        with torch.no_grad():
+            loss = objective(student, batch).item()
+            targets = batch["labels"][:, 1:] != -100
+            s, t = student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1][targets], \
+                teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1][targets]
+        assert loss == pytest.approx(jsd_reference(s, t, 0.0).item(), rel=1e-4)  # mean × count = the sum
+        assert "student_tokens_generated" not in costs
