@@ -66,6 +66,7 @@ class Score:
     delta_high: float | None = None
     p_value: float | None = None
     test: str | None = None
+    min_delta: float | None = None  # McNemar: the smallest |Δ| these items could show as significant
     top_letter_share: float | None = None  # multiple choice: how often the most predicted letter was chosen
     significant: bool | None = None
     name: str = ""  # the registered method name
@@ -256,6 +257,7 @@ def _compare(groups: list[_Group], baseline: str, allow_unequal: bool) -> None:
         s.delta, s.delta_low, s.delta_high = paired.delta, paired.ci.low, paired.ci.high
         if stats.is_binary(x) and stats.is_binary(y):
             s.p_value, s.test = stats.mcnemar(x[:, mine], y[:, theirs]), "mcnemar"
+            s.min_delta = stats.smallest_significant_delta(x[:, mine], y[:, theirs], ALPHA)
         else:
             s.p_value, s.test = paired.p_value, "bootstrap"
         s.significant = s.p_value < ALPHA

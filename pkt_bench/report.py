@@ -213,6 +213,15 @@ def _base(label: str) -> str:
     return re.split(r" [\[(]", label)[0]
 
 
+def _resolution(score: Score) -> str:
+    """How large a Δ these items could have shown as significant (McNemar's test, the discordance observed)."""
+    if score.test != "mcnemar":
+        return ""
+    if score.min_delta is None:
+        return "; too few items differ for any Δ to reach significance"
+    return f"; smallest significant Δ here ±{score.min_delta:.3f}"
+
+
 def _p(score: Score) -> str:
     return "p<0.001" if score.p_value < 0.001 else f"p={score.p_value:.3f}"
 
@@ -250,7 +259,7 @@ def check(claim: Claim, rows: list[Score], controls: Controls | None = None) -> 
                    f"per-seed gains {seeds or 'n/a'} ({spread})")
             if verdict == "supported" and not seen[(s.pair, s.task)].visible:
                 verdict, why = "no power", f"{why}; no power: {seen[(s.pair, s.task)].why}"
-        findings.append(Finding(s.method, s.task, s, verdict, why))
+        findings.append(Finding(s.method, s.task, s, verdict, why + _resolution(s)))
     return findings
 
 

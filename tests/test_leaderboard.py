@@ -82,6 +82,10 @@ def test_cis_and_delta_against_a_baseline():
     assert sens.delta == pytest.approx(sens.mean - lora.mean)  # same items, so Δ is the difference of means
     assert sens.delta_low > 0 and sens.significant and sens.p_value < 0.01 and sens.test == "mcnemar"
     assert lora.delta is None and lora.baseline == "lora"
+    from pkt_bench.stats import smallest_significant_delta
+
+    x, y = ([[item["acc"] for item in r["items"]] for r in BETTER if r["method"] == m] for m in ("sensitivity", "lora"))
+    assert sens.min_delta == smallest_significant_delta(x, y) and 0 < sens.min_delta < sens.delta
     md = render(list(rows.values()), "md")
     assert "baseline" in md and "Δ probe vs lora" in md and " *" in md
     flipped = {s.method: s for s in scores(BETTER, baseline="sensitivity")}["lora"]

@@ -285,3 +285,16 @@ def test_the_report_shows_every_learning_rate_trial_and_marks_the_chosen_one():
                     "| lora | humaneval | 0 | **0.0003** | **0.540** (of 50) | 0.6500 | 16 |",
                     "| lora | humaneval | 0 | 0.001 | 0.540 (of 50) |  | 16 |"]
     assert _selection_table([{"method": "student", "task": "humaneval", "seed": 0}]) == []
+
+
+def test_a_verdict_says_how_large_a_delta_its_items_could_have_shown():
+    rows = row("sensitivity", "gsm8k", 0.02, 0.6, {0: 0.52})
+    rows[0].test, rows[0].min_delta = "mcnemar", 0.1
+    [found] = check(BEATS, rows)
+    assert found.why.endswith("; smallest significant Δ here ±0.100")
+    rows[0].min_delta = None
+    [found] = check(SMALL, rows)
+    assert found.why.endswith("; too few items differ for any Δ to reach significance")
+    rows[0].test = "bootstrap"  # not a 0/1 metric: nothing said
+    [found] = check(BEATS, rows)
+    assert "significant Δ" not in found.why

@@ -67,3 +67,30 @@ def test_paired_bootstrap_sign_and_significance():
 
 def test_is_binary():
     assert is_binary(np.array([[0.0, 1.0]])) and not is_binary(np.array([[0.5, 1.0]]))
+
+
+def test_smallest_significant_delta_matches_hand_computed_cases():
+    from pkt_bench.stats import smallest_significant_delta
+
+    def pair(b, c, items=100):
+        """b items only the method gets right, c only the baseline, the rest both wrong."""
+        method = np.zeros(items)
+        baseline = np.zeros(items)
+        method[:b] = 1
+        baseline[b:b + c] = 1
+        return method, baseline
+
+    # d = 20 discordant (exact test): 15:5 gives 2 * P[Bin(20, .5) <= 5] = 0.041, 14:6 gives 0.115 -> |b - c| = 10
+    assert smallest_significant_delta(*pair(12, 8)) == pytest.approx(0.10)
+    assert smallest_significant_delta(*pair(3, 17)) == pytest.approx(0.10)  # whichever way the observed split goes
+    # d = 40 (chi-square, continuity-corrected): (14 - 1)^2 / 40 = 4.23 > 3.84, (12 - 1)^2 / 40 = 3.03 -> 14
+    assert smallest_significant_delta(*pair(20, 20)) == pytest.approx(0.14)
+    assert smallest_significant_delta(*pair(20, 20, items=200)) == pytest.approx(0.07)  # over all items
+    # d = 5: even 5:0 gives 2 / 32 = 0.0625, not significant
+    assert smallest_significant_delta(*pair(5, 0)) is None
+    assert smallest_significant_delta(*pair(6, 0)) == pytest.approx(0.06)  # 2 / 64 = 0.031
+    # two seeds: the items differ by their seed-averaged outcome; 20 discordant items of mean |difference| 0.75
+    method = np.zeros((2, 100))
+    method[0, :20] = 1
+    method[1, :10] = 1  # items 0-9 differ by 1, items 10-19 by 0.5
+    assert smallest_significant_delta(method, np.zeros(100)) == pytest.approx(10 * 0.75 / 100)
