@@ -41,15 +41,16 @@ from pkt_bench.methods.lora import LoRA, LoRAConfig
 from pkt_bench.registry import register_method
 
 
-def generalized_jsd(student_logits, teacher_logits, beta: float, temperature: float = 1.0):
-    """Σ over rows of TRL's generalized JSD between softmax(z_T / T) and softmax(z_S / T), in fp32 ([N, V] each)."""
+def generalized_jsd(student_logits, teacher_logits, beta: float):
+    """Σ over rows of TRL's generalized JSD between softmax(z_T) and softmax(z_S), in fp32 ([N, V] each); TRL's
+    trainer calls its loss at temperature 1 (its `temperature` is the sampling one, `Sampling` here)."""
     import math
 
     import torch
     import torch.nn.functional as F
 
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
 
     def kl(p_log, q_log):  # Σ p (log p − log q)
         return F.kl_div(q_log, p_log, log_target=True, reduction="sum")

@@ -111,7 +111,7 @@ def test_the_gkd_objective_is_the_jsd_on_the_students_own_answers(tiny_models, f
     batch = a_batch(tokenizer)
     gold = int((batch["labels"][:, 1:] != -100).sum())
     sampling = Sampling(6, 0.9, (tokenizer.eos_token_id,), tokenizer.pad_token_id)
-    costs = {}
+    costs = {"student_tokens_generated": 100}  # counts add to what earlier steps counted
     objective = OnPolicyDistillation(OnlineTeacher(teacher, costs), beta, 1.0, sampling, len(tokenizer), costs, 0)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -128,9 +128,10 @@ def test_the_gkd_objective_is_the_jsd_on_the_students_own_answers(tiny_models, f
             total += jsd_reference(student(input_ids=ids).logits[0, rows], teacher(input_ids=ids).logits[0, rows], beta)
             n += len(answer)
     assert loss == pytest.approx((total / n * gold).item(), rel=1e-4)
-    assert costs["student_tokens_generated"] == n and costs["teacher_forward"] == 2
+    assert costs["student_tokens_generated"] == 100 + n and costs["teacher_forward"] == 2
     assert costs["teacher_tokens"] == sum(map(len, prompts)) + n
-    assert objective.first_terms["answer_tokens"] == n and objective.first_terms["train_answer_tokens"] == gold
+    assert objective.first_terms == pytest.approx({"jsd": (total / n).item(), "beta": beta, "on_policy": True,
+                                                   "answer_tokens": n, "train_answer_tokens": gold}, rel=1e-4)
 
 
 def test_with_lambda_zero_the_divergence_runs_on_the_train_answers(tiny_models):
