@@ -82,6 +82,33 @@ def test_the_student_samples_at_its_temperature_alone_and_stops_at_its_end_token
     assert all(t not in eos for a in got for t in a[:-1])
 
 
+def test_a_lora_wrapped_student_with_a_wide_head_also_samples_at_its_temperature_alone(tiny_models):
+    """As the method samples: the student inside PEFT (whose base model holds the generation_config), with more
+    than 50 tokens (transformers' default top_k) and flat logits, so a top-k or top-p filter would change draws."""
+    from peft import LoraConfig, get_peft_model
+
+    pair = ModelPair.resolve(str(tiny_models["llama-teacher"]), str(tiny_models["llama-student"]))
+    student, tokenizer = pair.load("student")
+    student.resize_token_embeddings(80)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        student.get_output_embeddings().weight.normal_(0, 0.5)
+    student.generation_config.top_k, student.generation_config.top_p = 3, 0.5
+    student.generation_config.repetition_penalty = 3.0
+    wrapped = get_peft_model(student, LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5))
+    prompts = [tokenizer("w1 w2 w3").input_ids, tokenizer("w7").input_ids]
+    sampling = Sampling(max_new_tokens=10, temperature=1.3, eos_ids=(tokenizer.eos_token_id,),
+                        pad_id=tokenizer.pad_token_id)
+    wrapped.eval()
+    torch.manual_seed(7)
+    expected = reference_sampler(wrapped, prompts, sampling)
+    torch.manual_seed(7)
+    wrapped.train()
+    assert sample_answers(wrapped, prompts, sampling) == expected
+    assert any(t >= 50 for a in expected for t in a)  # tokens past a top-50 cut were drawn
+    assert wrapped.training and student.generation_config.top_k == 3
+
+
 def test_the_on_policy_batch_keeps_each_prompt_and_labels_only_the_answer(tiny_models, monkeypatch):
     import pkt_bench.methods.gkd as gkd
 
