@@ -276,8 +276,13 @@ def test_semalign_v2_reconstruction_is_the_written_formula_on_the_models_own_wri
     with torch.no_grad():
         s_logits, targets = response_rows(student, batch)
         t_logits, _ = response_rows(teacher, batch)
-        p_t, p_s = softmax64(t_logits[:, :vocab]), softmax64(s_logits[:, :vocab])
-        kl = (p_t * (torch.log(p_t) - torch.log(p_s))).sum()
+
+        def kl_at(temperature):
+            p_t = softmax64(t_logits[:, :vocab] / temperature)
+            p_s = softmax64(s_logits[:, :vocab] / temperature)
+            return (p_t * (torch.log(p_t) - torch.log(p_s))).sum()
+
+        kl = kl_at(1.0)
 
         def g(x):
             n = len(x)
@@ -285,21 +290,28 @@ def test_semalign_v2_reconstruction_is_the_written_formula_on_the_models_own_wri
             h = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
             return h @ unit @ unit.T @ h
 
-        def expected(source=1, uncentred=False):
-            d_s, d_t = writes(student, batch, "write")[0], writes(teacher, batch, "write")[source - 1]
+        def expected(source=1, uncentred=False, interface="write", kept=batch["attention_mask"].bool(), output=kl):
+            d_s, d_t = writes(student, batch, interface)[0], writes(teacher, batch, interface)[source - 1]
             goal = (d_t / d_t.norm(dim=-1, keepdim=True)) @ m
             terms = []
-            for row, keep in enumerate(batch["attention_mask"].bool()):
+            for row, keep in enumerate(kept):
                 x, y = d_s[row][keep], goal[row][keep]
                 gx, gy = (g(x), g(y)) if not uncentred else (
                     (lambda u: u @ u.T)(x / x.norm(dim=-1, keepdim=True)),
                     (lambda u: u @ u.T)(y / y.norm(dim=-1, keepdim=True)))
                 terms.append(((gx - gy) ** 2).sum() / len(x) ** 2)
-            return len(targets) * sum(terms) / len(terms) + kl
+            return len(targets) * sum(terms) / len(terms) + output
 
-        frontier = Frontier(OnlineTeacher(teacher, {}), {1: (1, 1, 0.0), 2: (3, 3, 0.0)}, m.float(), "geometry",
-                            head, vocab, 1.0, 2, 1, "write", "all")
+        def frontier(temperature=1.0, interface="write", positions="all"):
+            return Frontier(OnlineTeacher(teacher, {}), {1: (1, 1, 0.0), 2: (3, 3, 0.0)}, m.float(), "geometry",
+                            head, vocab, temperature, 2, 1, interface, positions)(student, batch).item()
+
         right = expected()
-        assert frontier(student, batch).item() == pytest.approx(right.item(), rel=1e-4)
+        assert frontier() == pytest.approx(right.item(), rel=1e-4)
         variants = [expected(source=2), expected(uncentred=True), expected() - 2 * kl]
         assert all(abs(v - right).item() > 1e-3 * right.item() for v in variants)
+        # its options: the MLP's output on the supervised positions, the output KL at another temperature
+        assert frontier(interface="mlp", positions="response") == pytest.approx(
+            expected(interface="mlp", kept=supervised(batch)).item(), rel=1e-4)
+        assert frontier(temperature=2.0) == pytest.approx(expected(output=kl_at(2.0)).item(), rel=1e-4)
+        assert abs(kl_at(2.0) - kl).item() > 1e-3 * right.item()
