@@ -87,6 +87,8 @@ def test_layer_losses_geometry_is_scale_invariant_and_fisher_is_the_kl_to_second
     x, keep = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.bool)
     keep[1, 4:] = False
     assert geometry_loss(3 * x, x, keep) < 1e-10 and geometry_loss(torch.randn(2, 6, 8), x, keep) > 1e-2
+    nothing = geometry_loss(x.requires_grad_(), x.detach(), torch.zeros_like(keep))  # every answer cut off
+    assert nothing.item() == 0.0 and nothing.requires_grad
     w = torch.randn(50, 8)
     target = torch.randn(4, 8)
     student = target + 1e-2 * torch.randn(4, 8)  # small δ; smaller drowns in fp32 rounding
@@ -121,6 +123,7 @@ def test_only_the_frontier_layer_changes_in_a_frontier_stage(tiny_models, tmp_pa
     changed = [{layer for layer in (0, 1) if any(not torch.equal(a, b) for a, b in zip(before[layer], after[layer]))}
                for before, after in zip(snapshots, snapshots[1:])]
     assert changed == [{0}, {0}, {1}, {1}]  # steps 1-2: layer 1 only; steps 3-4: layer 2 only (weight decay on)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]  # LoRA alone
 
 
 @pytest.mark.parametrize("config", [dict(), dict(objective="v2-reconstruction", layer_loss="fisher")])
