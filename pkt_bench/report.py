@@ -555,6 +555,9 @@ def _selection_table(records: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in sorted(chosen, key=lambda r: (r["task"], r["seed"], r["method"])):
         selection = r["selection"]
+        if "student" in selection:
+            lines.append(f"| {r['method']} | {r['task']} | {r['seed']} | untouched student | "
+                         f"{selection['student']['validation_score']:.3f} (of {selection['examples']}) |  |  |")
         for trial in selection["trials"]:
             mark = "**" if trial["lr"] == selection["winner"]["lr"] else ""
             loss = trial.get("validation_loss_after")

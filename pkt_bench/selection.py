@@ -9,8 +9,9 @@ test items) and evaluates only the best trial's artifact on the test items. The 
 validation prompts, written as the evaluation writes its prompts (the chat template with `-T chat_template=true`,
 else the task's own format), whose greedy answer the task's scorer marks correct (`transferdata.judge`); ties go
 to the earlier learning rate in the list. Every method gets the same learning rates, validation examples and
-scorer; the record's `selection` keeps every trial (score, validation loss, steps) and the winner, and its costs
-count every trial.
+scorer; the record's `selection` keeps every trial (score, validation loss, steps), the winner, and the untouched
+student's score on the same validation examples (where no trial reaches it, fine-tuning at these rates does not
+pay on this task), and its costs count every trial.
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ def select_lr(make_ctx, transfer, select: dict[str, Any], eval_batch_size: int,
         for name, value in ctx.costs.items():
             costs[name] = costs.get(name, 0) + value
     winner = contexts[best]
+    with winner.stage("select"):
+        student, _ = validation_score(winner, Artifact(kind="model", path=winner.pair.student.path),
+                                      select["examples"], eval_batch_size, engine_args)
     winner.costs = costs
     winner.training = [{**stats, "lr": trial["lr"]} for trial, ctx in zip(trials, contexts) for stats in ctx.training]
     record = {"on": "validation", "examples": len(ids), "validation_ids": ids, "trials": trials,
-              "winner": {"lr": trials[best]["lr"]}}
+              "winner": {"lr": trials[best]["lr"]}, "student": {"validation_score": student}}
     return artifacts[best], winner, record

@@ -278,10 +278,12 @@ def test_the_report_shows_every_learning_rate_trial_and_marks_the_chosen_one():
                             {"lr": 3e-4, "validation_score": 0.54, "validation_loss_after": 0.65, "optimizer_steps": 16},
                             {"lr": 1e-3, "validation_score": 0.54, "validation_loss_after": None,
                              "optimizer_steps": 16}]}
-    lines = _selection_table([{"method": "lora", "task": "humaneval", "seed": 0, "selection": selection},
+    lines = _selection_table([{"method": "lora", "task": "humaneval", "seed": 0,
+                               "selection": {**selection, "student": {"validation_score": 0.56}}},
                               {"method": "student", "task": "humaneval", "seed": 0}])
     rows = [line for line in lines if line.startswith("| lora")]
-    assert rows == ["| lora | humaneval | 0 | 0.0001 | 0.500 (of 50) | 0.7100 | 16 |",
+    assert rows == ["| lora | humaneval | 0 | untouched student | 0.560 (of 50) |  |  |",
+                    "| lora | humaneval | 0 | 0.0001 | 0.500 (of 50) | 0.7100 | 16 |",
                     "| lora | humaneval | 0 | **0.0003** | **0.540** (of 50) | 0.6500 | 16 |",
                     "| lora | humaneval | 0 | 0.001 | 0.540 (of 50) |  | 16 |"]
     assert _selection_table([{"method": "student", "task": "humaneval", "seed": 0}]) == []
