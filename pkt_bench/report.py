@@ -520,16 +520,18 @@ def _cell_costs(records: list[dict[str, Any]], failed: list[tuple[Any, str]]) ->
     of the student's behaviour it left as it was; then each failed cell (a `SweepCell`) with the reason."""
     from pkt_bench.runner import STAGES
 
+    # the runner's stages, then any other a record timed (a learning-rate selection's `select`), so rows add up
+    names = [*STAGES, *sorted({n for r in records for n, v in (r.get("stages") or {}).items() if v} - set(STAGES))]
     by_key = {r.get("key"): r for r in records}
     lines = ["Cost of each cell (wall time in seconds per stage; peak memory over the cell; *as student*: the share of "
              "items whose record, output and score, is identical to the student reference's, so a method that left "
              "the student as it was shows near 100% whatever its score):", "",
-             "| method | task | seed | " + " | ".join(STAGES) +
+             "| method | task | seed | " + " | ".join(names) +
              " | total s | peak RSS GiB | peak CUDA GiB | as student |",
-             "|---|---|---|" + "---|" * (len(STAGES) + 4)]
+             "|---|---|---|" + "---|" * (len(names) + 4)]
     for r in sorted(records, key=lambda r: (r["task"], r["seed"], r["method"])):
         stages = {name: s for name, s in (r.get("stages") or {}).items() if s}
-        seconds = [f"{stages[name]['wall_s']:,.1f}" if name in stages else "" for name in STAGES]
+        seconds = [f"{stages[name]['wall_s']:,.1f}" if name in stages else "" for name in names]
         rss = max((s.get("peak_rss_mb") or 0 for s in stages.values()), default=0) / 1024
         cuda = max((s.get("peak_cuda_mb") or 0 for s in stages.values()), default=0) / 1024
         student = by_key.get((r.get("references") or {}).get("student", {}).get("key"))
@@ -539,7 +541,7 @@ def _cell_costs(records: list[dict[str, Any]], failed: list[tuple[Any, str]]) ->
     for cell, reason in sorted(failed, key=lambda f: (f[0].spec.tasks[0], f[0].spec.seed, f[0].spec.method)):
         reason = reason.replace("|", "\\|")  # a table cell
         lines.append(f"| {cell.spec.method} | {cell.spec.tasks[0]} | {cell.spec.seed} | **{reason}** |"
-                     + " |" * (len(STAGES) + 3))
+                     + " |" * (len(names) + 3))
     return [*lines, ""]
 
 

@@ -300,3 +300,16 @@ def test_a_verdict_says_how_large_a_delta_its_items_could_have_shown():
     rows[0].test = "bootstrap"  # not a 0/1 metric: nothing said
     [found] = check(BEATS, rows)
     assert "significant Δ" not in found.why
+
+
+def test_the_cost_table_has_a_column_for_every_stage_a_record_timed():
+    from pkt_bench.report import _cell_costs
+
+    selected = {**_record("lora", "T", "S", 0, 20), "key": "l", "references": {}, "wall_s": 60.0,
+                "stages": {"extract": None, "transfer": {"wall_s": 10.0}, "fine-tune": {"wall_s": 30.0},
+                           "select": {"wall_s": 15.0}, "evaluate": {"wall_s": 5.0}}}
+    lines = _cell_costs([selected], [])
+    header = next(line for line in lines if line.startswith("| method"))
+    assert header.startswith("| method | task | seed | extract | transfer | fine-tune | evaluate | select | total s")
+    row = next(line for line in lines if line.startswith("| lora"))
+    assert row.startswith("| lora | probe | 0 |  | 10.0 | 30.0 | 5.0 | 15.0 | 60.0 |")
