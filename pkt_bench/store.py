@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,21 +137,15 @@ class ResultStore:
                              "error": error})
         _write_json(self.failure_path(key), {**note, "label": label})
 
-
     def put_diff(self, diff: str) -> dict[str, str]:
         """Store the uncommitted changes a record was made with, once per content, as `diffs/<sha256>.diff`
         (atomic, like records); returns what the record says of it."""
         import hashlib
 
         digest = hashlib.sha256(diff.encode()).hexdigest()
-        folder = self.root / "diffs"
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{digest[:20]}.diff"
+        target = self.root / "diffs" / f"{digest[:20]}.diff"
         if not target.exists():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest[:20]}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as handle:
-                handle.write(diff)
-            os.replace(tmp, target)
+            _write_atomically(target, lambda handle: handle.write(diff))
         return {"sha256": digest, "file": target.relative_to(self.root).as_posix()}
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -196,12 +190,17 @@ def _alive(pid: int) -> bool:
 
 
 def _write_json(target: Path, data: dict[str, Any]) -> Path:
-    """Write `data` to `target` atomically: a unique temp file in the same folder, fsync, rename."""
+    return _write_atomically(target, lambda handle: json.dump(data, handle, indent=1, sort_keys=True))
+
+
+def _write_atomically(target: Path, write: Callable[[Any], Any]) -> Path:
+    """`write(handle)` into a unique temp file in `target`'s folder, fsync, rename to `target`: a reader never sees
+    a half-written file, and a crash leaves the previous one, if any, untouched."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -368,7 +368,8 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
         overall = progress.add_task("[bold]all cells", total=len(cells), completed=outcome.stored_before)
         bars = {m: progress.add_task(f"  {m}", total=totals[m], completed=stored[m]) for m in totals}
 
-        retry: list[SweepCell] = []  # cells that failed their first attempt in this run
+        retry: list[SweepCell] = []  # cells that failed their first attempt, to run again after their phase
+        tried: set[str] = set()  # keys of cells that had their retry in this run
 
         def done(cell: SweepCell, result: dict[str, Any]) -> None:
             if "error" in result:
@@ -393,8 +394,6 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
                                            f"dtype differently); set device: and dtype: in the config")
             progress.advance(overall)
             progress.advance(bars[cell.spec.method])
-
-        tried: set[str] = set()
 
         ref_keys: dict[tuple, list[str]] = {}
         for c in cells:

@@ -168,22 +168,27 @@ def test_ray_pins_the_device_so_driver_and_workers_agree(swept):
     assert [c.key for c in pinned] == [c.key for c in sweep.plan()]  # on a CPU machine auto is cpu
 
 
-def test_a_failing_cell_is_reported_and_the_rest_go_on(swept, tmp_path, monkeypatch):
-    _, store, _ = swept
-    broken = write(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [7]"))
+def fail_lora(monkeypatch, times):
+    """Make lora's cells raise on their first `times` runs (as a cell that runs out of memory); returns the seeds
+    of every lora run, in order."""
     import pkt_bench.runner
 
-    real = pkt_bench.runner._run_cell
+    real, calls = pkt_bench.runner._run_cell, []
 
-    calls = []
-
-    def fail_lora(cell, *args, **kwargs):
+    def flaky(cell, *args, **kwargs):
         if cell.method.name == "lora":
             calls.append(cell.spec.seed)
-            raise RuntimeError(f"out of memory (simulated, attempt {len(calls)})")
+            if len(calls) <= times:
+                raise RuntimeError(f"out of memory (simulated, attempt {len(calls)})")
         return real(cell, *args, **kwargs)
 
-    monkeypatch.setattr(pkt_bench.runner, "_run_cell", fail_lora)
+    monkeypatch.setattr(pkt_bench.runner, "_run_cell", flaky)
+    return calls
+
+
+def test_a_failing_cell_is_reported_and_the_rest_go_on(swept, tmp_path, monkeypatch):
+    broken = write(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [7]"))
+    calls = fail_lora(monkeypatch, times=2)
     fresh = ResultStore(tmp_path / "results")
     sweep = Sweep.load(broken)
     outcome = run_sweep(sweep, fresh, console=quiet())
@@ -206,21 +211,8 @@ def test_a_failing_cell_is_reported_and_the_rest_go_on(swept, tmp_path, monkeypa
 
 
 def test_a_cell_that_fails_once_is_retried_and_its_failure_note_removed(swept, tmp_path, monkeypatch):
-    _, store, _ = swept
     config = write(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [8]"))
-    import pkt_bench.runner
-
-    real = pkt_bench.runner._run_cell
-    calls = []
-
-    def fail_lora_once(cell, *args, **kwargs):
-        if cell.method.name == "lora":
-            calls.append(cell.spec.seed)
-            if len(calls) == 1:
-                raise RuntimeError("killed by a flaky file system (simulated)")
-        return real(cell, *args, **kwargs)
-
-    monkeypatch.setattr(pkt_bench.runner, "_run_cell", fail_lora_once)
+    calls = fail_lora(monkeypatch, times=1)
     fresh = ResultStore(tmp_path / "results")
     outcome = run_sweep(Sweep.load(config), fresh, console=quiet())
     assert calls == [8, 8] and outcome.ran == 3 and not outcome.failed
