@@ -97,7 +97,8 @@ def scores(records: Iterable[dict[str, Any]], tasks: list[str] | None = None, ba
         variant = _variant_key(record)
         task_variant = cell_key({k: record["cell"].get(k) for k in _TASK_VARIANT})[:6]
         task_variants[record["task"]].add(task_variant)
-        pair = f"{names[model_identity(record, 'teacher')]} -> {names[model_identity(record, 'student')]}"
+        pair = (record.get("pair_name")  # a report's name for the pair (a sweep's `pairs: [{name: ...}]`)
+                or f"{names[model_identity(record, 'teacher')]} -> {names[model_identity(record, 'student')]}")
         by_key[(record["method"], variant, pair, record["task"], task_variant)].append(record)
     groups = []
     for (method, variant, pair, task, task_variant), group in by_key.items():

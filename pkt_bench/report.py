@@ -31,7 +31,8 @@ items, p the paired test's p-value (McNemar's for 0/1 metrics, else the paired b
   per-seed gains (the method's score at seed s minus the baseline's at seed s) change sign or spread at least
   as wide as their mean (std >= |mean|). Supported when small and (unstable or p >= α); not supported when
   Δ > `small`, p < α and stable; not significant when Δ > `small` and p >= α; partly supported otherwise
-  (small but a stable, significant effect; or large and significant but unstable).
+  (small but a stable, significant effect; or large and significant but unstable). A Δ below -`small` counts as
+  small here (no gain), and the evidence names it a loss, not a gain.
 
   Per-seed gains that are all exactly zero are *no effect*, not unstable. Stability needs two seeds or more:
   with one, a significant Δ (the case where the verdict turns on it) is `needs seeds`, never "not supported" or
@@ -255,7 +256,9 @@ def check(claim: Claim, rows: list[Score], controls: Controls | None = None) -> 
             seeds = ", ".join(f"{g:+.3f}" for g in gains)
             spread = ("no effect" if no_effect else "unstable" if unstable else "stable" if len(gains) > 1
                       else "one seed")
-            why = (f"Δ {s.delta:+.3f} ({'small' if small else 'not small'}: threshold {claim.small}), {_p(s)}; "
+            size = ("not small" if not small else "small" if s.delta >= -claim.small
+                    else "a loss, not a gain")  # Δ below -threshold: no gain, though not a small change
+            why = (f"Δ {s.delta:+.3f} ({size}: threshold {claim.small}), {_p(s)}; "
                    f"per-seed gains {seeds or 'n/a'} ({spread})")
             if verdict == "supported" and not seen[(s.pair, s.task)].visible:
                 verdict, why = "no power", f"{why}; no power: {seen[(s.pair, s.task)].why}"
@@ -331,7 +334,9 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     figures = out.parent / out.stem
     sections, summary = [], defaultdict(list)
     for grid in sweep.grids:
-        records = [_named(r) for r in (store.get(c.key) for c in grid.cells) if r is not None]
+        stored = ((c, store.get(c.key)) for c in grid.cells)
+        records = [_named(r, grid.pair_names.get((c.spec.teacher, c.spec.student)))
+                   for c, r in stored if r is not None]
         if not records:
             n = sum(c.key in failed for c in grid.cells)
             why = (f"{n} of its {len(grid.cells)} cells failed" if n == len(grid.cells) else
@@ -362,9 +367,11 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
     return list(outcome.failed)
 
 
-def _named(record: dict[str, Any]) -> dict[str, Any]:
-    """A record as the report shows it: models by folder name (a machine's paths are no part of a report)."""
-    return {**record, "teacher": Path(record["teacher"]).name, "student": Path(record["student"]).name}
+def _named(record: dict[str, Any], pair_name: str | None = None) -> dict[str, Any]:
+    """A record as the report shows it: models by folder name (a machine's paths are no part of a report), and the
+    pair by the `name:` its grid gave it, where it has one (the leaderboard's `pair_name`)."""
+    named = {**record, "teacher": Path(record["teacher"]).name, "student": Path(record["student"]).name}
+    return {**named, "pair_name": pair_name} if pair_name else named
 
 
 def _commits(records: list[dict[str, Any]]) -> str:

@@ -248,6 +248,9 @@ def test_pairs_are_named_by_their_name_or_folder_names_never_a_path(tmp_path):
     assert grid.pair_name("/models/big", "/models/tiny") == "big → tiny"
     shown = _named(_record("lora", "/models/big", "/models/tiny", 0, 3))
     assert (shown["teacher"], shown["student"]) == ("big", "tiny")
+    named = [_named(_record(m, "/models/big", "/models/small", 0, 3), "Big -> Small") for m in ("lora", "sensitivity")]
+    assert {r.pair for r in scores(named, baseline="lora")} == {"Big -> Small"}  # rows and findings carry the name
+    assert "pair_name" not in shown
     config.write_text("methods: [lora]\npairs: [{teacher: a, student: b, label: x}]\n")
     with pytest.raises(UserError, match="optional name"):
         Sweep.load(config)
@@ -266,8 +269,17 @@ def test_a_small_gains_claim_is_also_judged_against_the_student_where_the_baseli
     against = next(f for f in small if f.task == "probe vs student")
     assert against.score.delta == pytest.approx(-0.2) and against.score.baseline == "student"
     assert against.verdict == "partly supported"  # small (no gain at all) but stable: the rule's "partly"
+    assert "(a loss, not a gain: threshold 0.05)" in against.why  # -0.20 is no gain, but not a "small" change
     healthy = [_record("student", "T", "S", 0, 5)] + records[1:]
     assert [f.task for f in judge(config, scores(healthy, baseline="lora"), healthy)[1]] == ["probe"]
+
+
+@pytest.mark.parametrize("delta, size", [(0.049, "small"), (-0.05, "small"), (-0.051, "a loss, not a gain"),
+                                         (0.051, "not small")])
+def test_the_small_gains_evidence_tells_a_small_change_from_a_loss(delta, size):
+    [finding] = [f for f in check(SMALL, row("sensitivity", "gsm8k", delta, 0.3, {0: 0.5}) + SEEING, CONTROLS)
+                 if f.score.pair == "T -> S"]
+    assert f"({size}: threshold 0.05)" in finding.why
 
 
 def test_the_report_shows_every_learning_rate_trial_and_marks_the_chosen_one():
