@@ -2,6 +2,7 @@
 
     python benchmarks/evaluation.py --teacher DIR --student DIR [--data-dir DIR] [--results DIR] [--dtype float32]
         [--models student,teacher] [--tasks gsm8k-0shot,humaneval] [--eval-batch-size 16] [--lora]
+        [--no-gradient-checkpointing]
 
 For each model (the student's and the teacher's reference cells) and task (GSM8K 0-shot, first 100 items; HumanEval,
 all 164; both with the chat template), `pkt-bench run --method student|teacher --backend hf` and `--backend vllm`
@@ -10,7 +11,8 @@ The table compares their records: the evaluate stage's wall time and peak RSS, g
 outputs re-tokenized, over the evaluate stage's wall time, engine start included), the share of items whose
 output is identical and whose score is identical. `--lora` then runs one lora cell on GSM8K 0-shot with vLLM
 (`benchmarks/lora-gsm8k-cell.yaml`: the CPU grid's budget, 64 examples x 2 epochs, 16 optimizer steps; no
-references, whose cells are the rows above) and prints its stages. Machine, versions and date are printed with the table.
+references, whose cells are the rows above) and prints its stages; `--no-gradient-checkpointing` runs it without
+(records in `RESULTS/no-checkpointing`). Machine, versions and date are printed with the table.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ TASKS = {"gsm8k-0shot": ["--limit", "100"], "humaneval": ["--allow-code-executio
 LORA_CELL = Path(__file__).with_name("lora-gsm8k-cell.yaml")
 
 
-def run(args: argparse.Namespace, method: str, task: str, backend: str, extra: list[str] = ()) -> dict:
+def run(args: argparse.Namespace, method: str, task: str, backend: str, extra: list[str] = (),
+        results: str | None = None) -> dict:
+    results = results or args.results
     command = [sys.executable, "-m", "pkt_bench", "run", "--method", method, "--teacher", args.teacher,
                "--student", args.student, "--task", task, "--backend", backend, "--dtype", args.dtype,
                "--eval-batch-size", str(args.eval_batch_size),
-               "--device", "cpu", "-T", "chat_template=true", "--no-references", "--results", args.results,
+               "--device", "cpu", "-T", "chat_template=true", "--no-references", "--results", results,
                *TASKS[task], *extra]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace, method: str, task: str, backend: str, extra: l
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"failed:\n{out.stderr[-3000:]}")
-    records = [json.loads(p.read_text()) for p in (Path(args.results) / "records").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (Path(results) / "records").glob("*.json")]
     mine = [r for r in records if (r["method"], r["task"], r["cell"]["backend"], r["cell"]["dtype"],
                                    r["cell"]["eval_batch_size"]) ==
             (method, task, backend, args.dtype, args.eval_batch_size)]
@@ -68,6 +72,8 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=16,
                         help="rows per HF batch; rows kept in flight on vLLM (its max_num_seqs)")
     parser.add_argument("--lora", action="store_true", help="also one lora GSM8K 0-shot cell on vLLM, by stage")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true",
+                        help="the lora cell without gradient checkpointing (same results, more memory, faster)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -87,8 +93,25 @@ def main() -> None:
             rows.append((model, task, hf, vllm))
             print(table(rows, tokenizer), flush=True)
     if args.lora:
-        record = run(args, "lora", "gsm8k-0shot", "vllm", ["--config", str(LORA_CELL)])
+        # without checkpointing the cell has the same key, so its record goes to a folder of its own
+        record = run(args, "lora", "gsm8k-0shot", "vllm", ["--config", str(lora_cell(args))],
+                     str(Path(args.results) / "no-checkpointing") if args.no_gradient_checkpointing else None)
         print(stages(record))
+
+
+def lora_cell(args: argparse.Namespace) -> Path:
+    """The lora cell's spec: `LORA_CELL`, or a copy in the results folder without gradient checkpointing (the same
+    cell key: checkpointing recomputes activations, so it changes memory and time, not results)."""
+    if not args.no_gradient_checkpointing:
+        return LORA_CELL
+    import yaml
+
+    spec = yaml.safe_load(LORA_CELL.read_text())
+    spec["budget"]["gradient_checkpointing"] = False
+    path = Path(args.results) / "lora-gsm8k-cell-no-checkpointing.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec))
+    return path
 
 
 def table(rows: list[tuple], tokenizer) -> str:
