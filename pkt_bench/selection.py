@@ -11,11 +11,13 @@ else the task's own format), whose greedy answer the task's scorer marks correct
 to the earlier learning rate in the list. Every method gets the same learning rates, validation examples and
 scorer; the record's `selection` keeps every trial (score, validation loss, steps), the winner, and the untouched
 student's score on the same validation examples (where no trial reaches it, fine-tuning at these rates does not
-pay on this task), and its costs count every trial.
+pay on this task; scored once and shared through the results cache), and its costs count every trial.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pkt_bench.api import Artifact, UserError
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from pkt_bench.api import TransferContext
 
 DEFAULT_EXAMPLES = 50
+STUDENT_SCORE = "score.json"
 
 
 def normalize(select: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +60,11 @@ def check(select: dict[str, Any], task: Any, task_name: str) -> None:
         raise UserError(f"task {task_name!r} cannot score generated answers, so select: has nothing to rank by")
 
 
+def _written_as(task: Any) -> str:
+    """How the evaluation writes this task's prompts: with the chat template (`-T chat_template=true`) or as is."""
+    return "chat_template" if getattr(getattr(task, "config", None), "chat_template", False) else "task"
+
+
 def validation_score(ctx: TransferContext, artifact: Artifact, examples: int, eval_batch_size: int,
                      engine_args: dict[str, Any]) -> tuple[float, list[str]]:
     """The share of the first `examples` validation prompts that `artifact` answers correctly, and their ids."""
@@ -65,11 +73,10 @@ def validation_score(ctx: TransferContext, artifact: Artifact, examples: int, ev
     from pkt_bench.transferdata import generation_settings, judge
 
     gold = ctx.task.validation_data()[:examples]
-    chat = bool(getattr(getattr(ctx.task, "config", None), "chat_template", False))
-    written_as = "chat_template" if chat else "task"  # as the evaluation writes its prompts
+    written_as = _written_as(ctx.task)
     from pkt_bench.context import student_tokenizer
 
-    tokenizer = student_tokenizer(ctx.pair.student.path) if chat else None
+    tokenizer = student_tokenizer(ctx.pair.student.path) if written_as == "chat_template" else None
     prompts = [render(example, written_as, tokenizer, ctx.task).prompt for example in gold]
     settings = generation_settings(ctx.task, written_as)
     target = make_target(artifact, ctx.backend, ctx.pair.device, ctx.pair.dtype, eval_batch_size, engine_args)
@@ -80,6 +87,20 @@ def validation_score(ctx: TransferContext, artifact: Artifact, examples: int, ev
         target.close()
     right = judge(ctx.task, gold, answers)
     return sum(right) / len(right), [example.id for example in gold]
+
+
+def student_score(ctx: TransferContext, examples: int, eval_batch_size: int, engine_args: dict[str, Any]) -> float:
+    """The untouched student's validation score, made once per (pair, task, examples, engine) and shared through
+    the results cache by every selecting cell (every method and seed)."""
+    def build(folder: Path) -> None:
+        score, ids = validation_score(ctx, Artifact(kind="model", path=ctx.pair.student.path), examples,
+                                      eval_batch_size, engine_args)
+        (folder / STUDENT_SCORE).write_text(json.dumps({"validation_score": score, "validation_ids": ids}))
+
+    identity = {"examples": examples, "written_as": _written_as(ctx.task), "backend": ctx.backend,
+                "eval_batch_size": eval_batch_size, "engine_args": engine_args}
+    folder = ctx.cached("student-validation", identity, build)
+    return json.loads((folder / STUDENT_SCORE).read_text())["validation_score"]
 
 
 def select_lr(make_ctx, transfer, select: dict[str, Any], eval_batch_size: int,
@@ -105,8 +126,7 @@ def select_lr(make_ctx, transfer, select: dict[str, Any], eval_batch_size: int,
             costs[name] = costs.get(name, 0) + value
     winner = contexts[best]
     with winner.stage("select"):
-        student, _ = validation_score(winner, Artifact(kind="model", path=winner.pair.student.path),
-                                      select["examples"], eval_batch_size, engine_args)
+        student = student_score(winner, select["examples"], eval_batch_size, engine_args)
     winner.costs = costs
     winner.training = [{**stats, "lr": trial["lr"]} for trial, ctx in zip(trials, contexts) for stats in ctx.training]
     record = {"on": "validation", "examples": len(ids), "validation_ids": ids, "trials": trials,
