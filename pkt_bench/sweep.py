@@ -421,7 +421,7 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
                     if executor == "ray":
                         rayexec.execute(phase, results, plugins, max_parallel, done, storage, references)
                     else:
-                        _local(phase, store, plugins, max_parallel, done)
+                        _local(phase, store, results, plugins, max_parallel, done)
                     phase, retry[:] = list(retry), []
         finally:
             if previous is None:
@@ -433,11 +433,11 @@ def run_sweep(sweep: Sweep, store: ResultStore, *, executor: str = "local", max_
     return outcome
 
 
-def _local(cells: list[SweepCell], store: ResultStore, plugins: tuple[str, ...], max_parallel: int | None,
-           done: Callable[[SweepCell, dict[str, Any]], None]) -> None:
+def _local(cells: list[SweepCell], store: ResultStore, results: str, plugins: tuple[str, ...],
+           max_parallel: int | None, done: Callable[[SweepCell, dict[str, Any]], None]) -> None:
     """One cell after another here, or `max_parallel` spawned worker processes sharing the CPU cores. A cell run
-    here is noted as started first, so if this process dies in it (the OOM killer) a later report still names it."""
-    results = str(store.root.resolve())
+    here is noted as started first, so if this process dies in it (the OOM killer) a later report still names it.
+    `results` is the store's folder as workers reach it."""
     if not max_parallel:
         for cell in cells:
             store.note_attempt(cell.key, cell.label)
