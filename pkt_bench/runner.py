@@ -393,6 +393,7 @@ def _measure(cell: Cell, store: ResultStore, console: Console, references: dict[
              workdir: Path, meter: StageMeter) -> CellOutcome:
     """Transfer, evaluate and store one cell, measuring its stages with `meter`."""
     def context(budget, folder: Path) -> RunContext:
+        folder.mkdir(parents=True, exist_ok=True)  # a selection trial's own folder, as the cell's exists
         return RunContext(cell.pair, cell.task, budget, cell.seed, folder, meter,
                                task_name=cell.task_name, data_dir=cell.spec.data_dir, cache_dir=store.cache_dir,
                                backend=cell.spec.backend, transfer_format=cell.transfer_format,

@@ -281,6 +281,45 @@ def test_selection_gives_every_method_the_same_trials_and_evaluates_the_best(tmp
     assert records["lora"]["selection"]["validation_ids"] == [e.id for e in validation][:10]
 
 
+def test_each_selection_trial_gets_a_workdir_that_exists(tmp_path, pico_pair):
+    """A method may write beside its artifact before anything else (sensitivity copies its selection there): each
+    trial's workdir must exist as the cell's does (the real-pair grid failed on it)."""
+    from dataclasses import dataclass
+
+    from pkt_bench.api import Artifact
+    from pkt_bench.registry import METHODS, register_method
+    from pkt_bench.runner import run
+    from pkt_bench.spec import RunSpec
+    from pkt_bench.store import ResultStore
+
+    _probe_with_validation()
+    if "writes-first" not in METHODS.names():
+        @dataclass
+        class Options:
+            pass
+
+        @register_method("writes-first")
+        class WritesFirst:
+            """Writes a note into its workdir, then hands over the student (tests)."""
+
+            description = "test plugin"
+            reference = ""
+            Config = Options
+            fine_tunes = True
+
+            def __init__(self, config):
+                pass
+
+            def transfer(self, ctx):
+                (ctx.workdir / "note.json").write_text("{}")
+                return Artifact(kind="model", path=ctx.pair.student.path)
+
+    spec = RunSpec(method="writes-first", tasks=["probe-val"], references=False,
+                   select={"lr": [1.0e-4, 3.0e-4], "on": "validation", "examples": 4})
+    record = run(spec, ResultStore(tmp_path / "results"))[-1].record
+    assert [t["lr"] for t in record["selection"]["trials"]] == [1.0e-4, 3.0e-4]
+
+
 def test_selection_input_errors_name_what_is_wrong():
     from pkt_bench.spec import RunSpec
 
