@@ -71,7 +71,7 @@ from rich.console import Console
 
 from pkt_bench.api import UserError
 from pkt_bench.leaderboard import ALPHA, Score, items_by_id, model_identity, render, scores
-from pkt_bench.store import ResultStore, failure_reason
+from pkt_bench.store import RESULTS, ResultStore, failure_reason
 from pkt_bench.sweep import Grid, Sweep, SweepOutcome, run_sweep
 
 KINDS = ("beats_baseline", "small_and_unstable")
@@ -342,7 +342,7 @@ def write_report(sweep: Sweep, store: ResultStore, out: Path, command: str, *, e
             why = (f"{n} of its {len(grid.cells)} cells failed" if n == len(grid.cells) else
                    f"{len(grid.cells) - n} of its {len(grid.cells)} cells are pending" + (f" and {n} failed" if n else ""))
             sections.append(f"## {grid.name}\n\nNo records yet: {why}.\n" + "\n".join(
-                f"- {c.label}: {failed[c.key]}" for c in grid.cells if c.key in failed) + "\n")
+                f"- {_cell_name(c, sweep)}: {failed[c.key]}" for c in grid.cells if c.key in failed) + "\n")
             continue
         has_baseline = any(r["method"] == config.baseline for r in records)
         # the leaderboard resolves the baseline name; a Δ across budgets is shown marked, never hidden
@@ -387,7 +387,8 @@ def _commits(records: list[dict[str, Any]]) -> str:
 
 def _failed(outcome: SweepOutcome, store: ResultStore) -> dict[str, str]:
     """Cell key -> why it has no record, for every planned cell that failed (in this run or an earlier one, as
-    the store's failure notes say) or whose process ended without its record; cells running now are left out."""
+    the store's failure notes say) or whose process ended without its record; cells running now are left out.
+    The reasons name the results folder and the models as the report does, never by this machine's paths."""
     failed = {}
     for cell in outcome.cells:
         note = store.failure(cell.key)
@@ -395,8 +396,20 @@ def _failed(outcome: SweepOutcome, store: ResultStore) -> dict[str, str]:
         if reason is None and cell.label in outcome.failed:
             reason = f"failed: {outcome.failed[cell.label]}"
         if reason is not None and not store.path(cell.key).exists():
+            places = {str(store.root.resolve()): RESULTS,
+                      **{str(Path(p)): Path(p).name for p in (cell.spec.teacher, cell.spec.student)}}
+            for place in sorted(places, key=len, reverse=True):  # the longest first: a folder inside another
+                reason = reason.replace(place, places[place])
             failed[cell.key] = reason
     return failed
+
+
+def _cell_name(cell: Any, sweep: Sweep) -> str:
+    """A sweep cell as the report names it: method, task, seed and the pair's name (no machine path)."""
+    grid = next((g for g in sweep.grids if cell in g.cells), sweep.grids[0])
+    config = ",".join(f"{k}={v}" for k, v in cell.spec.method_config.items())
+    method = f"{cell.spec.method}({config})" if config else cell.spec.method
+    return f"{method} on {cell.spec.tasks[0]} (seed {cell.spec.seed}; {grid.pair_name(cell.spec.teacher, cell.spec.student)})"
 
 
 def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any, command: str,
@@ -406,7 +419,7 @@ def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any
     failed = ""
     if failures:
         failed = (f"\n**Incomplete: {len(failures)} cells failed** and have no record (each grid's cost table "
-                  f"lists them): " + "; ".join(f"{c.label} ({failures[c.key]})" for c in outcome.cells
+                  f"lists them): " + "; ".join(f"{_cell_name(c, sweep)} ({failures[c.key]})" for c in outcome.cells
                                                if c.key in failures) + "\n")
     pending = [c for c in outcome.cells if not store.path(c.key).exists() and c.key not in failures]
     if pending:

@@ -28,6 +28,9 @@ from typing import Any
 from pkt_bench.api import UserError
 from pkt_bench.spec import SCHEMA_VERSION
 
+RESULTS = "<results>"
+"""How a failure note writes the results folder's path (a note travels with the records to other machines)."""
+
 
 class ResultStore:
     def __init__(self, root: str | Path):
@@ -122,10 +125,13 @@ class ResultStore:
 
     def note_attempt(self, key: str, label: str, error: str | None = None) -> None:
         """Note that this process starts the cell (`error` None) or that its attempt failed with `error` (the
-        attempt this process started, or a new one when it started none: a worker elsewhere ran it)."""
+        attempt this process started, or a new one when it started none: a worker elsewhere ran it); in `error`
+        the results folder's path reads `<results>`."""
         import socket
         from datetime import datetime, timezone
 
+        if error is not None:  # this machine's path to the results folder is no part of the note
+            error = error.replace(str(self.root.resolve()), RESULTS)
         note = self.failure(key) or {"key": key, "label": label, "attempts": []}
         attempts = note["attempts"]
         host, pid = socket.gethostname(), os.getpid()

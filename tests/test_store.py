@@ -110,3 +110,14 @@ def test_a_record_states_its_budget_as_used_its_losses_and_the_command(tmp_path)
     assert stats["losses"][0] == pytest.approx(stats["first_loss"], abs=1e-6)
     assert stats["losses"][-1] == pytest.approx(stats["last_loss"], abs=1e-6)
     assert record["made_by"].startswith("pkt-bench")
+
+
+def test_a_failure_note_keeps_this_machine_s_results_path_out(tmp_path):
+    from pkt_bench.store import failure_reason
+
+    store = ResultStore(tmp_path / "results")
+    store.note_attempt("k", "lora on probe", None)  # started
+    store.note_attempt("k", "lora on probe", f"FileNotFoundError: {store.root.resolve()}/artifacts/k.partial/x.json")
+    note = store.failure("k")
+    assert [a["error"] for a in note["attempts"]] == ["FileNotFoundError: <results>/artifacts/k.partial/x.json"]
+    assert str(tmp_path) not in json.dumps(note) and "<results>/artifacts" in failure_reason(note)

@@ -208,6 +208,8 @@ def test_a_failing_cell_is_reported_and_the_rest_go_on(swept, tmp_path, monkeypa
     assert f"**Incomplete: 1 cells failed**" in text and f"({reason})" in text
     assert f"| lora | probe | 7 | **{reason}** |" in text
     assert "cells have no record yet" not in text  # a failed cell is not called pending
+    [incomplete] = [line for line in text.splitlines() if line.startswith("**Incomplete")]
+    assert "lora on probe (seed 7; " in incomplete and str(tmp_path) not in incomplete  # the cell by name, no path
 
 
 def test_a_cell_that_fails_once_is_retried_and_its_failure_note_removed(swept, tmp_path, monkeypatch):
