@@ -407,9 +407,7 @@ def _failed(outcome: SweepOutcome, store: ResultStore) -> dict[str, str]:
 def _cell_name(cell: Any, sweep: Sweep) -> str:
     """A sweep cell as the report names it: method, task, seed and the pair's name (no machine path)."""
     grid = next((g for g in sweep.grids if cell in g.cells), sweep.grids[0])
-    config = ",".join(f"{k}={v}" for k, v in cell.spec.method_config.items())
-    method = f"{cell.spec.method}({config})" if config else cell.spec.method
-    return f"{method} on {cell.spec.tasks[0]} (seed {cell.spec.seed}; {grid.pair_name(cell.spec.teacher, cell.spec.student)})"
+    return cell.named(grid.pair_name(cell.spec.teacher, cell.spec.student))
 
 
 def _header(config: ReportConfig, sweep: Sweep, store: ResultStore, outcome: Any, command: str,

@@ -93,9 +93,9 @@ def student_score(ctx: TransferContext, examples: int, eval_batch_size: int, eng
     """The untouched student's validation score, made once per (pair, task, examples, engine) and shared through
     the results cache by every selecting cell (every method and seed)."""
     def build(folder: Path) -> None:
-        score, ids = validation_score(ctx, Artifact(kind="model", path=ctx.pair.student.path), examples,
-                                      eval_batch_size, engine_args)
-        (folder / STUDENT_SCORE).write_text(json.dumps({"validation_score": score, "validation_ids": ids}))
+        score, _ = validation_score(ctx, Artifact(kind="model", path=ctx.pair.student.path), examples,
+                                    eval_batch_size, engine_args)
+        (folder / STUDENT_SCORE).write_text(json.dumps({"validation_score": score}))
 
     identity = {"examples": examples, "written_as": _written_as(ctx.task), "backend": ctx.backend,
                 "eval_batch_size": eval_batch_size, "engine_args": engine_args}

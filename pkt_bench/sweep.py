@@ -79,9 +79,13 @@ class SweepCell:
 
     @property
     def label(self) -> str:
+        return self.named(f"{self.spec.teacher} -> {self.spec.student}")
+
+    def named(self, pair: str) -> str:
+        """The cell as "method(config) on task (seed N; `pair`)"; `label` names the pair by its two models."""
         config = ",".join(f"{k}={v}" for k, v in self.spec.method_config.items())
         method = f"{self.spec.method}({config})" if config else self.spec.method
-        return f"{method} on {self.spec.tasks[0]} (seed {self.spec.seed}; {self.spec.teacher} -> {self.spec.student})"
+        return f"{method} on {self.spec.tasks[0]} (seed {self.spec.seed}; {pair})"
 
 
 @dataclass
